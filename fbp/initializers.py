@@ -1,0 +1,102 @@
+"""Weight initializers: ``init(key, shape, dtype) -> array``.
+
+Fans follow Keras and ``jax.nn.initializers`` for a weight of shape ``(..., fan_in, fan_out)``;
+a 1-D shape ``(n,)`` has ``fan_in = fan_out = n``. "Normal" variance-scaling initializers draw
+from a normal truncated at two standard deviations and rescaled so the variance is exact, as
+Keras and JAX do (``0.87962566103423978`` is the std of a unit normal truncated to [-2, 2]).
+
+    name            distribution                    variance
+    glorot_uniform  U(-l, l), l = sqrt(6/(in+out))  2/(in+out)    Glorot & Bengio, 2010
+    glorot_normal   truncated normal                2/(in+out)
+    he_uniform      U(-l, l), l = sqrt(6/in)        2/in          He et al., 2015
+    he_normal       truncated normal                2/in
+    lecun_normal    truncated normal                1/in          LeCun et al., 1998
+    normal(stddev)  N(0, stddev^2)                  stddev^2
+    zeros, ones     constants
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import Array, Shape
+
+Initializer = Callable[[jax.Array, Shape, jnp.dtype], Array]
+
+_TRUNCATED_STD = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
+
+
+def _fans(shape: Shape) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def _uniform(key: jax.Array, shape: Shape, dtype, variance: float) -> Array:
+    limit = math.sqrt(3.0 * variance)  # U(-l, l) has variance l^2 / 3
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
+def _truncated_normal(key: jax.Array, shape: Shape, dtype, variance: float) -> Array:
+    std = math.sqrt(variance) / _TRUNCATED_STD
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+
+def glorot_uniform(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+    """Glorot/Xavier uniform: ``U(-l, l)``, ``l = sqrt(6 / (fan_in + fan_out))`` (Keras's Dense)."""
+    fan_in, fan_out = _fans(shape)
+    return _uniform(key, shape, dtype, 2.0 / (fan_in + fan_out))
+
+
+def glorot_normal(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+    """Glorot/Xavier normal: truncated normal with variance ``2 / (fan_in + fan_out)``."""
+    fan_in, fan_out = _fans(shape)
+    return _truncated_normal(key, shape, dtype, 2.0 / (fan_in + fan_out))
+
+
+def he_uniform(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+    """He/Kaiming uniform: ``U(-l, l)``, ``l = sqrt(6 / fan_in)``; for ReLU networks."""
+    fan_in, _ = _fans(shape)
+    return _uniform(key, shape, dtype, 2.0 / fan_in)
+
+
+def he_normal(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+    """He/Kaiming normal: truncated normal with variance ``2 / fan_in``; for ReLU networks."""
+    fan_in, _ = _fans(shape)
+    return _truncated_normal(key, shape, dtype, 2.0 / fan_in)
+
+
+def lecun_normal(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+    """LeCun normal: truncated normal with variance ``1 / fan_in``; for SELU/tanh networks."""
+    fan_in, _ = _fans(shape)
+    return _truncated_normal(key, shape, dtype, 1.0 / fan_in)
+
+
+def normal(stddev: float = 1e-2) -> Initializer:
+    """``N(0, stddev^2)``, untruncated (as ``jax.nn.initializers.normal``)."""
+    if stddev < 0:
+        raise ValueError(f"normal(stddev={stddev}): stddev must be >= 0.")
+
+    def init(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+        return stddev * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def zeros(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+    """All zeros (Keras's default bias). ``key`` is unused."""
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def ones(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+    """All ones (LayerNorm's default scale). ``key`` is unused."""
+    del key
+    return jnp.ones(shape, dtype)
