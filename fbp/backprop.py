@@ -27,12 +27,25 @@ def value_and_grad(net: Layer, loss: Loss) -> Callable[..., tuple[Array, PyTree]
     """
 
     def f(params: PyTree, x: Array, y: Array, *, key: jax.Array | None = None):
-        pred, cache = net.forward(params, x, key=key)
-        value, dpred = loss.value_and_grad(pred, y)
-        grads, _ = net.backward(params, cache, dpred)
+        value, grads, _ = forward_backward(net, loss, params, x, y, key=key)
         return value, grads
 
     return f
+
+
+def forward_backward(
+    net: Layer, loss: Loss, params: PyTree, x: Array, y: Array, *, key: jax.Array | None = None
+) -> tuple[Array, PyTree, Array]:
+    """One forward and one backward pass: ``(loss_value, grads, pred)``.
+
+    The prediction comes along for metrics (accuracy) at no extra cost. The input gradient
+    of the first layer is computed by ``net.backward`` and dropped; under ``jit`` XLA removes
+    that dead computation.
+    """
+    pred, cache = net.forward(params, x, key=key)
+    value, dpred = loss.value_and_grad(pred, y)
+    grads, _ = net.backward(params, cache, dpred)
+    return value, grads, pred
 
 
 def as_custom_vjp(net: Layer) -> Callable[..., Array]:

@@ -1,0 +1,365 @@
+"""Training: a jitted step, and ``fit``, which runs each epoch as one compiled program.
+
+    step = make_step(net, loss, optimizer)            # jitted, params and state donated
+    params, opt_state, L = step(params, opt_state, x, y)
+
+    params, opt_state, history = fit(net, loss, optimizer, params, (X, y),
+                                     epochs=30, batch_size=32, key=jax.random.key(0))
+
+An epoch of ``fit`` is one call of a jitted function: a permutation drawn from
+``fold_in(key, epoch)``, then ``lax.scan`` over the full minibatches (each gathered from the
+device-resident data by index, then forward, backward, optimizer update), then one step on the
+last partial batch, if any. The data are arguments, not constants, so a second ``fit`` with the
+same shapes reuses the compiled epoch. Nothing syncs with the host inside an epoch except an
+optional progress callback every few percent of the steps. Because shuffling and Dropout keys
+depend only on ``(key, epoch, step)``, a run resumed at ``initial_epoch=k`` from the params and
+optimizer state saved after epoch ``k`` is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fbp import metrics as metrics_lib
+from fbp.backprop import forward_backward
+from fbp.core import Array, Layer, Loss, Optimizer, PyTree
+
+History = dict[str, list[float]]
+
+
+def make_step(net: Layer, loss: Loss, optimizer: Optimizer) -> Callable[..., tuple]:
+    """Return a jitted ``step(params, opt_state, x, y, key=None) -> (params, opt_state, loss)``.
+
+    ``params`` and ``opt_state`` are donated: XLA may write the new values into their buffers,
+    so do not use the arrays you passed in after the call. ``key`` feeds Dropout.
+    """
+
+    def step(params, opt_state, x, y, key=None):
+        value, grads, _ = forward_backward(net, loss, params, x, y, key=key)
+        params, opt_state = optimizer.update(grads, opt_state, params)
+        return params, opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+class EarlyStopping(NamedTuple):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    ``mode`` is "min" or "max"; "auto" means "max" for names containing "acc", else "min".
+    With ``restore_best=True``, ``fit`` returns the params and optimizer state of the best epoch.
+    """
+
+    monitor: str = "val_loss"
+    patience: int = 5
+    min_delta: float = 0.0
+    mode: str = "auto"
+    restore_best: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled programs. Each builder is cached on its (hashable) arguments, so that fit, evaluate
+# and predict reuse one jitted function, and jit's own cache then keys on shapes and dtypes.
+
+
+class _Progress:
+    """Host side of the in-epoch progress bar; shown once an epoch has run for ``after`` seconds."""
+
+    after = 2.0
+
+    def __init__(self):
+        self.start_time, self.total, self.shown = 0.0, 1, False
+
+    def start(self, total: int) -> None:
+        self.start_time, self.total, self.shown = time.perf_counter(), max(total, 1), False
+
+    def update(self, done) -> None:
+        elapsed = time.perf_counter() - self.start_time
+        if elapsed < self.after:
+            return
+        done = int(done)
+        width = 30
+        filled = width * done // self.total
+        eta = elapsed / max(done, 1) * (self.total - done)
+        bar = "=" * max(filled - 1, 0) + (">" if filled < width else "=") + "." * (width - filled)
+        sys.stdout.write(f"\r{done}/{self.total} [{bar}] - {elapsed:.0f}s - ETA {eta:.0f}s ")
+        sys.stdout.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stdout.write("\r" + " " * 79 + "\r")
+            sys.stdout.flush()
+
+
+_PROGRESS = _Progress()  # printing only; one instance so that the compiled epoch is reused
+
+
+def _batch_metrics(metric_fns, pred, y, value):
+    return jnp.stack(
+        [value.astype(jnp.float32)] + [m(pred, y).astype(jnp.float32) for _, m in metric_fns]
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_program(net, loss, optimizer, batch_size, metric_fns, shuffle, progress, unroll):
+    """``run(params, opt_state, X, y, key, epoch) -> (params, opt_state, mean [loss, *metrics])``."""
+
+    def train_step(params, opt_state, x, y, key):
+        value, grads, pred = forward_backward(net, loss, params, x, y, key=key)
+        params, opt_state = optimizer.update(grads, opt_state, params)
+        return params, opt_state, _batch_metrics(metric_fns, pred, y, value)
+
+    def run(params, opt_state, X, y, key, epoch):
+        n = X.shape[0]
+        n_full, rem = divmod(n, batch_size)
+        perm_key, drop_key = jax.random.split(jax.random.fold_in(key, epoch))
+        perm = jax.random.permutation(perm_key, n) if shuffle else jnp.arange(n)
+        every = max(n_full // 50, 1)
+
+        def body(carry, i):
+            params, opt_state, sums = carry
+            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+            params, opt_state, stats = train_step(
+                params, opt_state, X[idx], y[idx], jax.random.fold_in(drop_key, i)
+            )
+            if progress is not None:
+                jax.lax.cond(
+                    (i + 1) % every == 0,
+                    lambda: jax.debug.callback(progress.update, i + 1),
+                    lambda: None,
+                )
+            return (params, opt_state, sums + batch_size * stats), None
+
+        sums = jnp.zeros(1 + len(metric_fns), jnp.float32)
+        (params, opt_state, sums), _ = jax.lax.scan(
+            body, (params, opt_state, sums), jnp.arange(n_full), unroll=unroll
+        )
+        if rem:  # the last partial batch is a step too, not dropped
+            idx = perm[n_full * batch_size :]
+            params, opt_state, stats = train_step(
+                params, opt_state, X[idx], y[idx], jax.random.fold_in(drop_key, n_full)
+            )
+            sums = sums + rem * stats
+        return params, opt_state, sums / n
+
+    return jax.jit(run)
+
+
+def _batched(fn, batch_size, X, *rest):
+    """``[(out, weight), ...]``: ``fn(x_batch, *rest_batches)`` over the full batches (one
+    ``lax.scan``, outputs stacked on a new leading axis) and over the remainder (if any)."""
+    n = X.shape[0]
+    n_full, rem = divmod(n, batch_size)
+    outs = []
+    if n_full:
+
+        def split(a):  # (n_full * batch_size, ...) -> (n_full, batch_size, ...)
+            return a[: n_full * batch_size].reshape(n_full, batch_size, *a.shape[1:])
+
+        _, out = jax.lax.scan(lambda c, b: (c, fn(*b)), 0, (split(X), *map(split, rest)))
+        outs.append((out, batch_size))
+    if rem:
+        out = fn(X[n_full * batch_size :], *(a[n_full * batch_size :] for a in rest))
+        outs.append((jax.tree.map(lambda a: a[None], out), rem))
+    return outs
+
+
+@functools.lru_cache(maxsize=64)
+def _evaluate_program(net, loss, batch_size, metric_fns):
+    def run(params, X, y):
+        def stats(x, y):
+            pred = net.apply(params, x)
+            return _batch_metrics(metric_fns, pred, y, loss(pred, y))
+
+        total = sum(weight * jnp.sum(s, axis=0) for s, weight in _batched(stats, batch_size, X, y))
+        return total / X.shape[0]
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=64)
+def _predict_program(net, batch_size):
+    def run(params, X):
+        outs = _batched(lambda x: net.apply(params, x), batch_size, X)
+        return jnp.concatenate([o.reshape(-1, *o.shape[2:]) for o, _ in outs], axis=0)
+
+    return jax.jit(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_data(where: str, X, y) -> tuple[Array, Array]:
+    X, y = jnp.asarray(X), jnp.asarray(y)
+    if X.ndim == 0 or y.ndim == 0 or X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{where}: X and y need the same number of examples on axis 0, got X {X.shape} "
+            f"and y {y.shape}."
+        )
+    if X.shape[0] == 0:
+        raise ValueError(f"{where}: the data set is empty.")
+    return X, y
+
+
+def evaluate(
+    net: Layer,
+    loss: Loss,
+    params: PyTree,
+    data: tuple[Any, Any],
+    *,
+    batch_size: int = 256,
+    metrics: Sequence[str | Callable] = (),
+) -> dict[str, float]:
+    """Mean loss and metrics over ``data = (X, y)``, computed in batches (no Dropout)."""
+    X, y = _check_data("evaluate", *data)
+    metric_fns = metrics_lib.resolve(metrics)
+    values = _evaluate_program(net, loss, int(batch_size), metric_fns)(params, X, y)
+    names = ["loss"] + [name for name, _ in metric_fns]
+    return dict(zip(names, np.asarray(values).tolist()))
+
+
+def predict(net: Layer, params: PyTree, X: Any, *, batch_size: int = 256) -> Array:
+    """``net.apply(params, X)`` computed in batches of ``batch_size`` (no Dropout)."""
+    X = jnp.asarray(X)
+    return _predict_program(net, int(batch_size))(params, X)
+
+
+def fit(
+    net: Layer,
+    loss: Loss,
+    optimizer: Optimizer,
+    params: PyTree,
+    data: tuple[Any, Any],
+    *,
+    epochs: int,
+    batch_size: int = 32,
+    key: jax.Array,
+    opt_state: PyTree | None = None,
+    initial_epoch: int = 0,
+    validation_data: tuple[Any, Any] | None = None,
+    metrics: Sequence[str | Callable] = (),
+    verbose: int = 1,
+    shuffle: bool = True,
+    early_stopping: EarlyStopping | None = None,
+    unroll: int = 1,
+) -> tuple[PyTree, PyTree, History]:
+    """Train ``net`` on ``data = (X, y)`` for epochs ``initial_epoch .. epochs - 1``.
+
+    As Keras's ``fit``: ``epochs`` is the index of the last epoch plus one, so resuming with
+    ``initial_epoch=k`` runs ``epochs - k`` more. Returns ``(params, opt_state, history)``, where
+    ``history`` holds per-epoch lists: "loss", each metric (e.g. "accuracy"), and with
+    ``validation_data`` "val_loss" and "val_<metric>". Train metrics are means over the epoch's
+    steps, weighted by batch size, as Keras reports them.
+
+    ``key`` seeds shuffling and Dropout: epoch ``e`` uses ``fold_in(key, e)``. ``verbose=1``
+    prints one line per epoch (and a progress bar during epochs longer than 2 s); ``0`` is
+    silent. A non-finite loss stops training with a warning and returns the params from before
+    that epoch. ``unroll`` is passed to ``lax.scan``.
+    """
+    X, y = _check_data("fit", *data)
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}.")
+    if not 0 <= initial_epoch <= epochs:
+        raise ValueError(f"fit: need 0 <= initial_epoch <= epochs, got {initial_epoch}, {epochs}.")
+    batch_size = min(batch_size, X.shape[0])
+    metric_fns = metrics_lib.resolve(metrics)
+    if validation_data is not None:
+        validation_data = _check_data("fit (validation_data)", *validation_data)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    progress = _PROGRESS if verbose else None
+    run_epoch = _epoch_program(
+        net, loss, optimizer, batch_size, metric_fns, bool(shuffle), progress, int(unroll)
+    )
+    n_steps = math.ceil(X.shape[0] / batch_size)
+
+    history: History = {}
+    log_names = ["loss"] + [name for name, _ in metric_fns]
+    if validation_data is not None:
+        log_names += [f"val_{name}" for name in log_names]
+    stopper = _Stopper(early_stopping, log_names) if early_stopping else None
+    for epoch in range(initial_epoch, epochs):
+        t0 = time.perf_counter()
+        if progress:
+            progress.start(X.shape[0] // batch_size)
+        new_params, new_state, stats = run_epoch(params, opt_state, X, y, key, epoch)
+        stats = np.asarray(stats).tolist()  # the one host sync of the epoch
+        if progress:
+            progress.clear()
+        logs = dict(zip(log_names, stats))
+        if not np.isfinite(logs["loss"]):
+            warnings.warn(
+                f"fit: the training loss became {logs['loss']} in epoch {epoch + 1}; stopping. "
+                "The returned params are those from before this epoch. Try a lower learning "
+                "rate, gradient clipping (fbp.optim.clip_by_global_norm), or check the data "
+                "for NaN/inf.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        params, opt_state = new_params, new_state
+        if validation_data is not None:
+            val = evaluate(net, loss, params, validation_data, metrics=metrics)
+            logs.update({f"val_{k}": v for k, v in val.items()})
+        for k, v in logs.items():
+            history.setdefault(k, []).append(v)
+        if verbose:
+            took = time.perf_counter() - t0
+            shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+            print(
+                f"Epoch {epoch + 1}/{epochs} - {n_steps} steps - {took:.2f}s "
+                f"({1e3 * took / n_steps:.1f}ms/step) - {shown}",
+                flush=True,
+            )
+        if stopper and stopper.done(epoch, logs, params, opt_state):
+            if verbose:
+                print(
+                    f"Early stopping: {stopper.cfg.monitor} has not improved for "
+                    f"{stopper.cfg.patience} epochs; best was epoch {stopper.best_epoch + 1} "
+                    f"({stopper.best:.4f}).",
+                    flush=True,
+                )
+            break
+    if stopper and stopper.cfg.restore_best and stopper.best_state is not None:
+        params, opt_state = stopper.best_state
+    return params, opt_state, history
+
+
+class _Stopper:
+    """Early-stopping bookkeeping for ``fit``: the best value of the monitored log, and patience."""
+
+    def __init__(self, cfg: EarlyStopping, log_names: list[str]):
+        if cfg.monitor not in log_names:
+            raise ValueError(
+                f"EarlyStopping: monitor {cfg.monitor!r} is not logged; fit logs {log_names}. "
+                "Pass validation_data for val_* logs, or metrics=['accuracy'] for accuracy."
+            )
+        mode = cfg.mode if cfg.mode != "auto" else ("max" if "acc" in cfg.monitor else "min")
+        if mode not in ("min", "max"):
+            raise ValueError(
+                f"EarlyStopping: mode must be 'min', 'max' or 'auto', got {cfg.mode!r}."
+            )
+        self.cfg, self.better = cfg, (np.less if mode == "min" else np.greater)
+        self.min_delta = -cfg.min_delta if mode == "min" else cfg.min_delta
+        self.best, self.best_epoch, self.best_state, self.wait = None, -1, None, 0
+
+    def done(self, epoch: int, logs: dict, params: PyTree, opt_state: PyTree) -> bool:
+        value = logs[self.cfg.monitor]
+        if self.best is None or self.better(value, self.best + self.min_delta):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.cfg.restore_best:
+                self.best_state = (params, opt_state)
+        else:
+            self.wait += 1
+        return self.wait >= self.cfg.patience
