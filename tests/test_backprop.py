@@ -162,7 +162,7 @@ def test_as_custom_vjp_with_dropout_key_matches_value_and_grad():
 def test_forward_backward_returns_the_prediction():
     net, in_shape, loss = NETS[0][1], NETS[0][2], NETS[0][3]
     params, x, y = build(net, in_shape, NETS[0][4], 4)
-    value, grads, pred = fbp.forward_backward(net, loss, params, x, y)
+    value, _, pred = fbp.forward_backward(net, loss, params, x, y)
     np.testing.assert_allclose(pred, net.apply(params, x), rtol=1e-14)
     np.testing.assert_allclose(value, loss(pred, y), rtol=1e-14)
 
