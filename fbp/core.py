@@ -82,5 +82,6 @@ def check_shape(where: str, what: str, expected: tuple, got: tuple, fix: str) ->
     got = tuple(got)
     ok = len(expected) == len(got) and all(e is None or e == g for e, g in zip(expected, got))
     if not ok:
-        shown = "(" + ", ".join("batch" if e is None else str(e) for e in expected) + ")"
+        sizes = ["batch" if e is None else str(e) for e in expected]
+        shown = f"({sizes[0]},)" if len(sizes) == 1 else "(" + ", ".join(sizes) + ")"
         raise ShapeError(f"{where}: {what} should have shape {shown}, got {got}. {fix}")

@@ -1,0 +1,287 @@
+"""Losses: each is a :class:`fbp.core.Loss` ``(value, value_and_grad, name)``.
+
+    value(pred, target)          -> scalar                plain JAX, the reference for jax.grad
+    value_and_grad(pred, target) -> (scalar, dpred)       hand-written, dpred like pred (shape, dtype)
+
+Parameter-free losses are values, losses with options are constructors returning a Loss:
+
+    mse, mae, sigmoid_binary_cross_entropy, softmax_cross_entropy      # use as losses.mse
+    huber(delta=1.0), softmax_cross_entropy_smoothed(label_smoothing)  # use as losses.huber(0.5)
+
+Reductions (Keras-like): ``mse``, ``mae``, ``huber`` and ``sigmoid_binary_cross_entropy`` average
+over every element; ``softmax_cross_entropy`` sums over the class (last) axis and averages over the
+leading (batch) axes. ``pred`` must be floating point; targets are cast to ``pred``'s dtype, so the
+value and ``dpred`` have ``pred``'s dtype. A target whose shape does not fit raises
+:class:`fbp.core.ShapeError` at trace time; nothing is broadcast. For example::
+
+    logits, cache = model.forward(params, x)                                     # (B, K)
+    value, dlogits = losses.softmax_cross_entropy.value_and_grad(logits, labels)  # labels (B,)
+    dparams, _ = model.backward(params, cache, dlogits)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import Array, Loss, ShapeError, check_shape
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (trace time: shapes and dtypes are static)
+
+
+def _check_pred(name: str, pred) -> Array:
+    pred = jnp.asarray(pred)
+    if not jnp.issubdtype(pred.dtype, jnp.floating):
+        raise TypeError(
+            f"{name}: pred should have a floating dtype, got {pred.dtype}. "
+            "Cast it, e.g. pred.astype(jnp.float32)."
+        )
+    return pred
+
+
+def _same_shape(name: str, pred, target) -> tuple[Array, Array]:
+    """pred and target with exactly the same shape; target cast to pred's dtype."""
+    pred, target = _check_pred(name, pred), jnp.asarray(target)
+    fix = (
+        f"pred has shape {pred.shape}; pass a target of exactly that shape "
+        "(reshape it, e.g. target.reshape(pred.shape); targets are never broadcast)."
+    )
+    check_shape(name, "target", pred.shape, target.shape, fix)
+    return pred, target.astype(pred.dtype)
+
+
+def _class_targets(name: str, pred, target, label_smoothing: float) -> tuple[Array, Array]:
+    """Logits (..., K) and target probabilities (..., K) from integer labels or float targets."""
+    pred, target = _check_pred(name, pred), jnp.asarray(target)
+    if pred.ndim == 0:
+        raise ShapeError(
+            f"{name}: pred should have a class (last) axis, shape (..., classes), got (). "
+            "Pass logits of shape (batch, classes)."
+        )
+    fix = (
+        f"pred has shape {pred.shape}; pass integer labels (any int dtype) of shape "
+        f"{pred.shape[:-1]} or floating one-hot/probability targets of shape {pred.shape}."
+    )
+    classes = pred.shape[-1]
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        check_shape(name, "integer labels", pred.shape[:-1], target.shape, fix)
+        target = jax.nn.one_hot(target, classes, dtype=pred.dtype)  # (..., K)
+    else:
+        check_shape(name, "one-hot/probability targets", pred.shape, target.shape, fix)
+        target = target.astype(pred.dtype)
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / classes
+    return pred, target
+
+
+def _mul_where_nonzero(t: Array, y: Array) -> Array:
+    """t * y, but exactly 0 where t == 0, so a masked ``y = -inf`` gives 0 (not NaN) and a
+    zero cotangent under jax.grad."""
+    return jnp.where(t == 0, 0.0, t * y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elementwise losses: mean over every element of a per-element loss l(p, t)
+
+
+def _elementwise(
+    name: str,
+    loss: Callable[[Array, Array], Array],
+    loss_and_grad: Callable[[Array, Array], tuple[Array, Array]],
+    doc: str,
+) -> Loss:
+    """A Loss ``mean(l(pred, target))`` from the per-element ``loss`` and ``loss_and_grad``
+    (which returns ``l`` and ``dl/dp``, elementwise); ``dpred = dl/dp / n``."""
+
+    def value(pred, target):
+        pred, target = _same_shape(name, pred, target)
+        return jnp.mean(loss(pred, target))
+
+    def value_and_grad(pred, target):
+        pred, target = _same_shape(name, pred, target)
+        l, dl = loss_and_grad(pred, target)  # both like pred
+        scale = 1.0 / max(pred.size, 1)  # d mean / d l_i = 1/n
+        return jnp.mean(l), dl * scale
+
+    value.__doc__ = value_and_grad.__doc__ = doc
+    return Loss(value, value_and_grad, name)
+
+
+_MSE_DOC = """Mean squared error, the mean over every element.
+
+    loss  = 1/n sum_i (p_i - t_i)^2
+    dp_i  = 2 (p_i - t_i) / n
+
+``target`` has exactly ``pred``'s shape.
+"""
+
+
+def _mse(p, t):
+    return jnp.square(p - t)
+
+
+def _mse_vg(p, t):
+    d = p - t
+    return d * d, 2.0 * d  # d/dp (p - t)^2 = 2 (p - t)
+
+
+mse = _elementwise("mse", _mse, _mse_vg, _MSE_DOC)
+
+
+_MAE_DOC = """Mean absolute error, the mean over every element.
+
+    loss  = 1/n sum_i |p_i - t_i|
+    dp_i  = sign(p_i - t_i) / n
+
+At ``p_i == t_i`` the hand-written gradient uses the subgradient 0 (as PyTorch's ``L1Loss``);
+``jax.grad`` of ``value`` gives 1/n there. ``target`` has exactly ``pred``'s shape.
+"""
+
+
+def _mae(p, t):
+    return jnp.abs(p - t)
+
+
+def _mae_vg(p, t):
+    d = p - t
+    return jnp.abs(d), jnp.sign(d)  # d/dp |p - t| = sign(p - t)
+
+
+mae = _elementwise("mae", _mae, _mae_vg, _MAE_DOC)
+
+
+def huber(delta: float = 1.0) -> Loss:
+    """Huber loss with threshold ``delta`` > 0, the mean over every element.
+
+    With d_i = p_i - t_i:
+
+        l_i   = d_i^2 / 2                  if |d_i| <= delta
+              = delta (|d_i| - delta / 2)  otherwise
+        loss  = 1/n sum_i l_i
+        dp_i  = clip(d_i, -delta, delta) / n
+
+    Quadratic near zero, linear (slope ``delta``) in the tails, as ``optax.huber_loss`` and
+    Keras' ``Huber``. PyTorch's ``HuberLoss`` is the same; its ``SmoothL1Loss`` is this divided by
+    ``delta``. ``target`` has exactly ``pred``'s shape.
+    """
+    if not delta > 0:
+        raise ValueError(f"huber: delta should be > 0, got {delta}.")
+
+    def loss(p, t):
+        abs_d = jnp.abs(p - t)
+        quadratic = jnp.minimum(abs_d, delta)  # the part of |d| inside [0, delta]
+        linear = abs_d - quadratic  # the part beyond delta
+        return 0.5 * quadratic * quadratic + delta * linear
+
+    def loss_and_grad(p, t):
+        d = p - t
+        clipped = jnp.clip(d, -delta, delta)
+        l = clipped * (d - 0.5 * clipped)  # d^2/2 inside, delta (|d| - delta/2) outside
+        return l, clipped  # dl/dp = d inside, delta sign(d) outside
+
+    return _elementwise(f"huber(delta={delta})", loss, loss_and_grad, huber.__doc__)
+
+
+_SIGMOID_BCE_DOC = """Binary cross-entropy from logits, the mean over every element.
+
+With x = pred (logits), t = target (probabilities in [0, 1], same shape as pred) and
+s(x) = 1 / (1 + exp(-x)):
+
+    l_i   = -t_i log s(x_i) - (1 - t_i) log(1 - s(x_i))
+          = max(x_i, 0) - x_i t_i + log(1 + exp(-|x_i|))        (the stable form used)
+    loss  = 1/n sum_i l_i
+    dx_i  = (s(x_i) - t_i) / n
+
+Stable for logits of any finite size; a logit of ``-inf`` with target 0 (a mask) contributes
+0 to the loss and 0 to the gradient. Keras' ``BinaryCrossentropy(from_logits=True)``,
+``optax.sigmoid_binary_cross_entropy`` (then averaged) and PyTorch's ``BCEWithLogitsLoss``.
+"""
+
+
+def _sigmoid_bce(x, t):
+    return jnp.maximum(x, 0.0) - _mul_where_nonzero(t, x) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _sigmoid_bce_vg(x, t):
+    e = jnp.exp(-jnp.abs(x))  # in (0, 1]: never overflows
+    l = jnp.maximum(x, 0.0) - _mul_where_nonzero(t, x) + jnp.log1p(e)
+    s = jnp.where(x >= 0, 1.0, e) / (1.0 + e)  # sigmoid(x), stable for both signs
+    return l, s - t  # dl/dx = s(x) - t
+
+
+sigmoid_binary_cross_entropy = _elementwise(
+    "sigmoid_binary_cross_entropy", _sigmoid_bce, _sigmoid_bce_vg, _SIGMOID_BCE_DOC
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax cross-entropy: sum over the class (last) axis, mean over the leading (batch) axes
+
+
+def softmax_cross_entropy_smoothed(label_smoothing: float) -> Loss:
+    """Softmax cross-entropy from logits with label smoothing ``a`` in [0, 1).
+
+    ``pred`` holds logits x of shape (..., K). ``target`` is either integer labels of shape
+    (...,) (any int dtype, values in [0, K)) or floating one-hot/probability targets t of shape
+    (..., K). Labels become one-hot rows, then targets are smoothed as in optax:
+
+        t'       = t (1 - a) + a / K
+        log p_k  = x_k - m - log sum_j exp(x_j - m),   m = max_j x_j    (log-softmax)
+        l_b      = -sum_k t'_bk log p_bk                               (sum over classes)
+        loss     = 1/B sum_b l_b                                       (mean over the B rows)
+        dx_bk    = (p_bk sum_j t'_bj - t'_bk) / B         (= (p_bk - t'_bk) / B if rows sum to 1)
+
+    B is the product of the leading (batch) axes. Logits of ``-inf`` (masked classes) give a
+    finite loss and a zero gradient wherever the target is 0; with ``a > 0`` every class has
+    target ``a / K > 0``, so a masked class makes the loss ``inf``. Labels are not range-checked
+    (that would need a traced check): a label outside [0, K) gives an all-zero target row.
+    Keras' ``CategoricalCrossentropy(from_logits=True, label_smoothing=a)``; optax's
+    ``softmax_cross_entropy`` with smoothed labels, averaged over the batch.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(
+            f"softmax_cross_entropy_smoothed: label_smoothing should be in [0, 1), "
+            f"got {label_smoothing}."
+        )
+    a = label_smoothing
+    name = f"softmax_cross_entropy_smoothed(label_smoothing={a})" if a else "softmax_cross_entropy"
+
+    def value(pred, target):
+        x, t = _class_targets(name, pred, target, a)
+        logp = jax.nn.log_softmax(x, axis=-1)  # (..., K)
+        return jnp.mean(-jnp.sum(_mul_where_nonzero(t, logp), axis=-1))
+
+    def value_and_grad(pred, target):
+        x, t = _class_targets(name, pred, target, a)
+        m = jnp.max(x, axis=-1, keepdims=True)  # (..., 1) subtracted for stability
+        e = jnp.exp(x - m)  # (..., K) in [0, 1]
+        s = jnp.sum(e, axis=-1, keepdims=True)  # (..., 1) >= 1
+        logp = x - m - jnp.log(s)  # (..., K) log-softmax
+        p = e / s  # (..., K) softmax
+        l = -jnp.sum(_mul_where_nonzero(t, logp), axis=-1)  # (...,)
+        scale = 1.0 / max(math.prod(x.shape[:-1]), 1)  # d mean / d l_b = 1/B
+        dx = (p * jnp.sum(t, axis=-1, keepdims=True) - t) * scale  # (..., K)
+        return jnp.mean(l), dx
+
+    value.__doc__ = value_and_grad.__doc__ = softmax_cross_entropy_smoothed.__doc__
+    return Loss(value, value_and_grad, name)
+
+
+softmax_cross_entropy = softmax_cross_entropy_smoothed(0.0)
+"""Softmax cross-entropy from logits, without label smoothing; see
+:func:`softmax_cross_entropy_smoothed` for the math. ``softmax_cross_entropy(logits, labels)``
+takes integer labels of shape (...,) or one-hot/probability targets of shape (..., K)."""
+
+
+__all__ = [
+    "huber",
+    "mae",
+    "mse",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_smoothed",
+]
