@@ -25,7 +25,7 @@ def accuracy(pred: Array, target: Array) -> Array:
     if binary and target.shape in (pred.shape, pred.shape[:-1]):
         return jnp.mean((pred.reshape(target.shape) > 0) == (target > 0.5))
     if target.shape == pred.shape[:-1] and jnp.issubdtype(target.dtype, jnp.integer):
-        return jnp.mean(jnp.argmax(pred, -1) == target)
+        return jnp.mean(jnp.argmax(pred, -1).astype(target.dtype) == target)
     if target.shape == pred.shape:
         return jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(target, -1))
     raise ShapeError(

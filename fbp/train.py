@@ -200,6 +200,20 @@ def _predict_program(net, batch_size):
 # Public API
 
 
+def _param_dtype(params: PyTree):
+    floats = [p.dtype for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)]
+    return floats[0] if floats else None
+
+
+def _as_input(X, params: PyTree) -> Array:
+    """Inputs as jax arrays; floating inputs cast to the params' dtype, as Keras casts to the
+    layer dtype (float64 numpy data meet float32 params as float32)."""
+    X, dtype = jnp.asarray(X), _param_dtype(params)
+    if dtype is not None and jnp.issubdtype(X.dtype, jnp.floating) and X.dtype != dtype:
+        X = X.astype(dtype)
+    return X
+
+
 def _check_data(where: str, X, y) -> tuple[Array, Array]:
     X, y = jnp.asarray(X), jnp.asarray(y)
     if X.ndim == 0 or y.ndim == 0 or X.shape[0] != y.shape[0]:
@@ -223,6 +237,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss and metrics over ``data = (X, y)``, computed in batches (no Dropout)."""
     X, y = _check_data("evaluate", *data)
+    X = _as_input(X, params)
     metric_fns = metrics_lib.resolve(metrics)
     values = _evaluate_program(net, loss, int(batch_size), metric_fns)(params, X, y)
     names = ["loss"] + [name for name, _ in metric_fns]
@@ -231,7 +246,7 @@ def evaluate(
 
 def predict(net: Layer, params: PyTree, X: Any, *, batch_size: int = 256) -> Array:
     """``net.apply(params, X)`` computed in batches of ``batch_size`` (no Dropout)."""
-    X = jnp.asarray(X)
+    X = _as_input(X, params)
     return _predict_program(net, int(batch_size))(params, X)
 
 
@@ -268,6 +283,7 @@ def fit(
     that epoch. ``unroll`` is passed to ``lax.scan``.
     """
     X, y = _check_data("fit", *data)
+    X = _as_input(X, params)
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}.")
     if not 0 <= initial_epoch <= epochs:
@@ -275,7 +291,8 @@ def fit(
     batch_size = min(batch_size, X.shape[0])
     metric_fns = metrics_lib.resolve(metrics)
     if validation_data is not None:
-        validation_data = _check_data("fit (validation_data)", *validation_data)
+        X_val, y_val = _check_data("fit (validation_data)", *validation_data)
+        validation_data = (_as_input(X_val, params), y_val)
     if opt_state is None:
         opt_state = optimizer.init(params)
     progress = _PROGRESS if verbose else None
