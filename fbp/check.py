@@ -134,6 +134,48 @@ def _fd_error(f, point: Array, grad: Array, key: jax.Array, n_dirs: int, h: floa
     return worst
 
 
+def _compare(scalar, params, x, hand, ref, names, key, directions, h, rtol, fd_rtol) -> list[Row]:
+    """Rows comparing the hand-written gradients ``hand = (dparams, dx)`` of ``scalar(params, x)``
+    with the autodiff ones ``ref``, and with central differences of ``scalar`` along random
+    directions, one parameter array (then the input) at a time."""
+    leaves, treedef = jax.tree.flatten(params)
+    try:
+        hand_leaves = treedef.flatten_up_to(hand[0])
+    except (ValueError, TypeError) as e:
+        raise TypeError(
+            f"backward returned dparams whose tree does not match params: {e}"
+        ) from None
+    ref_leaves = treedef.flatten_up_to(ref[0])
+    keys = jax.random.split(key, len(leaves) + 1)
+    rows = []
+    for i, ((index, name, pkey), leaf, g, r) in enumerate(
+        zip(names, leaves, hand_leaves, ref_leaves)
+    ):
+
+        def at_leaf(v, i=i):
+            new = list(leaves)
+            new[i] = v
+            return scalar(jax.tree.unflatten(treedef, new), x)
+
+        rows.append(
+            _row(index, name, pkey, leaf, g, r, at_leaf, keys[i], directions, h, rtol, fd_rtol)
+        )
+    at_x = lambda xx: scalar(params, xx)  # noqa: E731
+    rows.append(
+        _row("input", "x", "", x, hand[1], ref[1], at_x, keys[-1], directions, h, rtol, fd_rtol)
+    )
+    return rows
+
+
+def _row(index, name, pkey, point, g, r, f, key, directions, h, rtol, fd_rtol) -> Row:
+    abs_err, rel_err = _errors(g, r)
+    fd_err = np.nan
+    if jnp.issubdtype(point.dtype, jnp.floating) and point.size:
+        fd_err = _fd_error(jax.jit(f), point, g, key, directions, h)
+    ok = rel_err <= rtol and not fd_err > fd_rtol
+    return Row(index, name, pkey, tuple(point.shape), abs_err, rel_err, fd_err, ok)
+
+
 def check_grads(
     net: Layer,
     loss: Loss,
@@ -158,48 +200,34 @@ def check_grads(
     with jax.enable_x64(True):
         params, x, y = _to64(params), _to64(x), _to64(y)
 
-        def ref_loss(p, xx):
+        def ref_loss(p, xx):  # the reference: plain apply and loss value, differentiated by JAX
             return loss.value(net.apply(p, xx, key=key), y)
 
-        value, grads = jax.jit(lambda p: value_and_grad(net, loss)(p, x, y, key=key))(params)
+        @jax.jit
+        def hand(p, xx):
+            value, grads = value_and_grad(net, loss)(p, xx, y, key=key)
+            pred, cache = net.forward(p, xx, key=key)  # again, for dL/dx (XLA shares the work)
+            _, dx = net.backward(p, cache, loss.value_and_grad(pred, y)[1])
+            return value, grads, dx
+
+        value, grads, dx = hand(params, x)
         ref_value = ref_loss(params, x)
-        ref_grads, ref_dx = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(params, x)
-
-        pred, cache = net.forward(params, x, key=key)
-        _, dpred = loss.value_and_grad(pred, y)
-        _, dx = net.backward(params, cache, dpred)
-
-        leaves, treedef = jax.tree.flatten(params)
-        hand_leaves = treedef.flatten_up_to(grads)
-        ref_leaves = treedef.flatten_up_to(ref_grads)
-        fd_keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
-
-        rows = []
-        for i, ((index, name, pkey), leaf, g, r) in enumerate(
-            zip(_named_params(net, params), leaves, hand_leaves, ref_leaves)
-        ):
-
-            def loss_at_leaf(value_i, i=i):
-                new = list(leaves)
-                new[i] = value_i
-                return ref_loss(jax.tree.unflatten(treedef, new), x)
-
-            abs_err, rel_err = _errors(g, r)
-            fd_err = np.nan
-            if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size:
-                f = jax.jit(loss_at_leaf)
-                fd_err = _fd_error(f, leaf, g, fd_keys[i], fd_directions, fd_step)
-            ok = rel_err <= rtol and not fd_err > fd_rtol
-            rows.append(Row(index, name, pkey, tuple(leaf.shape), abs_err, rel_err, fd_err, ok))
-
-        abs_err, rel_err = _errors(dx, ref_dx)
-        fd_err = np.nan
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            f = jax.jit(lambda xx: ref_loss(params, xx))
-            fd_err = _fd_error(f, x, dx, fd_keys[-1], fd_directions, fd_step)
-        ok = rel_err <= rtol and not fd_err > fd_rtol
-        rows.append(Row("input", "x", "", tuple(x.shape), abs_err, rel_err, fd_err, ok))
-
+        ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(params, x)
+        names = _named_params(net, params)
+        key_fd = jax.random.key(seed)
+        rows = _compare(
+            ref_loss,
+            params,
+            x,
+            (grads, dx),
+            ref,
+            names,
+            key_fd,
+            fd_directions,
+            fd_step,
+            rtol,
+            fd_rtol,
+        )
         notes = []
         value_err = abs(float(value) - float(ref_value)) / max(abs(float(ref_value)), _TINY)
         if not value_err <= rtol:
@@ -217,6 +245,7 @@ def check_layer(
     rtol: float = 1e-10,
     fd_rtol: float = 1e-6,
     fd_step: float = 1e-6,
+    fd_directions: int = 3,
     stochastic: bool = False,
 ) -> Report:
     """Check one layer: declared shape, ``forward == apply``, and ``backward`` vs ``jax.vjp``.
@@ -246,40 +275,18 @@ def check_layer(
             notes.append("FAIL: forward(params, x)[0] differs from apply(params, x)")
 
         dy = jax.random.normal(k_dy, y_apply.shape, jnp.float64)
-        dparams, dx = layer.backward(params, cache, dy)
+        hand = layer.backward(params, cache, dy)
         _, vjp = jax.vjp(lambda p, xx: layer.apply(p, xx, key=lkey), params, x)
-        ref_dparams, ref_dx = vjp(dy)
 
-        def projected(p, xx):  # <dy, apply(p, x)>: its gradient is the VJP
+        def projected(p, xx):  # <dy, apply(p, x)>: its gradient is the VJP with dy
             return jnp.sum(dy * layer.apply(p, xx, key=lkey))
 
-        leaves, treedef = jax.tree.flatten(params)
-        try:
-            hand_leaves = treedef.flatten_up_to(dparams)
-        except (ValueError, TypeError) as e:
-            raise TypeError(
-                f"{layer.name}: backward returned dparams whose tree does not match params: {e}"
-            ) from None
-        ref_leaves = treedef.flatten_up_to(ref_dparams)
-        fd_keys = jax.random.split(k_fd, len(leaves) + 1)
-        rows = []
-        pkeys = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        for i, (pkey, leaf, g, r) in enumerate(zip(pkeys, leaves, hand_leaves, ref_leaves)):
-
-            def at_leaf(v, i=i):
-                new = list(leaves)
-                new[i] = v
-                return projected(jax.tree.unflatten(treedef, new), x)
-
-            abs_err, rel_err = _errors(g, r)
-            fd_err = _fd_error(jax.jit(at_leaf), leaf, g, fd_keys[i], 3, fd_step)
-            ok = rel_err <= rtol and not fd_err > fd_rtol
-            rows.append(Row("0", layer.name, pkey, tuple(leaf.shape), abs_err, rel_err, fd_err, ok))
-        abs_err, rel_err = _errors(dx, ref_dx)
-        fd_err = _fd_error(
-            jax.jit(lambda xx: projected(params, xx)), x, dx, fd_keys[-1], 3, fd_step
+        names = [
+            ("0", layer.name, pkey)
+            for _, _, pkey in _named_params(layer._replace(layers=()), params)
+        ]
+        rows = _compare(
+            projected, params, x, hand, vjp(dy), names, k_fd, fd_directions, fd_step, rtol, fd_rtol
         )
-        ok = rel_err <= rtol and not fd_err > fd_rtol
-        rows.append(Row("input", "x", "", tuple(x.shape), abs_err, rel_err, fd_err, ok))
         title = f"Layer check of {layer.name} on input {(batch_size, *input_shape)}"
         return Report(title, tuple(rows), tuple(notes), rtol, fd_rtol)
