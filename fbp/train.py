@@ -72,32 +72,40 @@ class EarlyStopping(NamedTuple):
 
 
 class _Progress:
-    """Host side of the in-epoch progress bar; shown once an epoch has run for ``after`` seconds."""
+    """Host side of the in-epoch progress bar, fed by a callback from inside the compiled epoch.
+
+    Shown only on a terminal, and only once the epoch has run ``after`` seconds past its first
+    callback (so compilation neither triggers it nor skews the ETA).
+    """
 
     after = 2.0
 
     def __init__(self):
-        self.start_time, self.total, self.shown = 0.0, 1, False
+        self.total, self.first, self.shown = 1, None, False
 
     def start(self, total: int) -> None:
-        self.start_time, self.total, self.shown = time.perf_counter(), max(total, 1), False
+        self.total, self.first, self.shown = max(total, 1), None, False
 
     def update(self, done) -> None:
-        elapsed = time.perf_counter() - self.start_time
-        if elapsed < self.after:
+        done, now = int(done), time.perf_counter()
+        if self.first is None:
+            self.first = (now, done)
             return
-        done = int(done)
+        elapsed = now - self.first[0]
+        if elapsed < self.after or not sys.stdout.isatty():
+            return
+        rate = (done - self.first[1]) / elapsed  # steps per second, compile excluded
+        eta = (self.total - done) / max(rate, 1e-9)
         width = 30
         filled = width * done // self.total
-        eta = elapsed / max(done, 1) * (self.total - done)
         bar = "=" * max(filled - 1, 0) + (">" if filled < width else "=") + "." * (width - filled)
-        sys.stdout.write(f"\r{done}/{self.total} [{bar}] - {elapsed:.0f}s - ETA {eta:.0f}s ")
+        sys.stdout.write(f"\r{done}/{self.total} [{bar}] - ETA {eta:.0f}s ")
         sys.stdout.flush()
         self.shown = True
 
     def clear(self) -> None:
         if self.shown:
-            sys.stdout.write("\r" + " " * 79 + "\r")
+            sys.stdout.write("\r" + " " * 60 + "\r")
             sys.stdout.flush()
 
 

@@ -1,5 +1,7 @@
 """fit, make_step, evaluate, predict: correctness against hand-rolled loops, resumption, no retrace."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,7 +133,9 @@ def test_make_step_matches_value_and_grad_then_update():
     copy = jax.tree.map(jnp.array, params)  # the step donates its inputs
     got_params, got_state, got_value = step(copy, opt.init(params), X, y)
     np.testing.assert_allclose(got_value, value, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves((got_params, got_state)), jax.tree.leaves((want_params, want_state))):
+    for a, b in zip(
+        jax.tree.leaves((got_params, got_state)), jax.tree.leaves((want_params, want_state))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -141,7 +145,9 @@ def test_evaluate_and_predict_in_batches_match_the_whole_batch():
     X = jax.random.normal(jax.random.key(0), (23, 5), jnp.float32)
     y = jax.random.randint(jax.random.key(1), (23,), 0, 3)
     pred = net.apply(params, X)
-    np.testing.assert_allclose(train.predict(net, params, X, batch_size=5), pred, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        train.predict(net, params, X, batch_size=5), pred, rtol=1e-5, atol=1e-6
+    )
     got = train.evaluate(net, CE, params, (X, y), batch_size=5, metrics=["accuracy"])
     assert got["loss"] == pytest.approx(float(CE(pred, y)), rel=1e-5)
     assert got["accuracy"] == pytest.approx(float(np.mean(np.argmax(pred, -1) == y)))
@@ -167,7 +173,7 @@ def test_early_stopping_stops_and_restores_the_best_params(digits):
 def test_early_stopping_rejects_an_unlogged_monitor():
     net = mlp(4, 3)
     X, y = jnp.zeros((8, 5)), jnp.zeros((8,), jnp.int32)
-    with pytest.raises(ValueError, match="val_accuracy.*not logged"):
+    with pytest.raises(ValueError, match=r"val_accuracy.*not logged"):
         train.fit(
             net, CE, optim.sgd(0.1), init(net, 5), (X, y), epochs=1, key=jax.random.key(0),
             early_stopping=train.EarlyStopping(monitor="val_accuracy"), verbose=0,
@@ -193,7 +199,9 @@ def test_verbose_prints_one_line_per_epoch_and_zero_is_silent(capsys):
     X = jax.random.normal(jax.random.key(0), (20, 5), jnp.float32)
     y = jax.random.randint(jax.random.key(1), (20,), 0, 3)
     kw = dict(epochs=2, batch_size=8, key=jax.random.key(0), metrics=["accuracy"])
-    train.fit(net, CE, optim.sgd(0.1), init(net, 5), (X, y), verbose=1, validation_data=(X, y), **kw)
+    train.fit(
+        net, CE, optim.sgd(0.1), init(net, 5), (X, y), verbose=1, validation_data=(X, y), **kw
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("Epoch 1/2") and lines[1].startswith("Epoch 2/2")
     for field in ["loss:", "accuracy:", "val_loss:", "val_accuracy:", "ms/step"]:
@@ -204,14 +212,22 @@ def test_verbose_prints_one_line_per_epoch_and_zero_is_silent(capsys):
 
 def test_progress_bar_advances_during_a_long_epoch(capsys, monkeypatch):
     monkeypatch.setattr(train._Progress, "after", 0.0)  # treat every epoch as a long one
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the bar is for terminals only
     net = mlp(4, 3)
     X = jax.random.normal(jax.random.key(0), (400, 5), jnp.float32)
     y = jax.random.randint(jax.random.key(1), (400,), 0, 3)
-    train.fit(net, CE, optim.sgd(0.1), init(net, 5), (X, y), epochs=1, batch_size=4, key=jax.random.key(0))
+    train.fit(
+        net, CE, optim.sgd(0.1), init(net, 5), (X, y), epochs=1, batch_size=4, key=jax.random.key(0)
+    )
     out = capsys.readouterr().out
     updates = [part for part in out.split("\r") if "/100 [" in part]
     assert len(updates) >= 10  # 100 steps, an update every 2
     assert "100/100 [" in out and "Epoch 1/1" in out
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    train.fit(
+        net, CE, optim.sgd(0.1), init(net, 5), (X, y), epochs=1, batch_size=4, key=jax.random.key(0)
+    )
+    assert "[" not in capsys.readouterr().out  # piped output gets the epoch line only
 
 
 def test_fit_rejects_bad_data_and_arguments():
