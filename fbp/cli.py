@@ -1,0 +1,458 @@
+"""The command line: ``python -m fbp train`` and ``python -m fbp check``.
+
+    main(argv=None) -> exit status        argv as sys.argv[1:]; prints to stdout
+    load_checkpoint(path) -> (net, ckpt)  reads what ``train --output PATH`` wrote
+
+``train`` fits an MLP (``Dense, activation, ..., Dense``) on a bundled data set, with the loss,
+preprocessing and metrics the data set calls for, and reports the test-split numbers.
+``check`` builds an MLP on random data and prints :func:`fbp.check.check_grads`'s table; it
+exits 1 when a hand-written gradient disagrees with ``jax.grad`` or finite differences.
+
+A checkpoint is one :mod:`fbp.io` file holding a dict::
+
+    params       the network's params (a tuple with one entry per layer)
+    opt_state    the optimizer state (a NamedTuple), to resume training
+    config       uint8 array of UTF-8 JSON: the command-line settings, data set, input shape,
+                 outputs, loss and test metrics; json.loads(bytes(ckpt["config"]))
+    preprocess   {"x_shift", "x_scale"} (features,) float64: the model sees (X - shift) / scale,
+                 plus for regression "y_shift", "y_scale" (): the target is pred * scale + shift
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from fbp import check, datasets, io, losses, nn, optim, train
+from fbp.core import Layer, Loss, Optimizer
+
+ACTIVATIONS: dict[str, Callable[[], Layer]] = {
+    "relu": lambda: nn.Relu,
+    "tanh": lambda: nn.Tanh,
+    "gelu": lambda: nn.Gelu,
+    "silu": lambda: nn.Silu,
+    "elu": lambda: nn.Elu(),
+    "sigmoid": lambda: nn.Sigmoid,
+    "leaky_relu": lambda: nn.LeakyRelu(),
+    "softplus": lambda: nn.Softplus,
+}
+
+# name -> (constructor from the learning rate, default learning rate)
+OPTIMIZERS: dict[str, tuple[Callable[[float], Optimizer], float]] = {
+    "sgd": (optim.sgd, 0.1),
+    "momentum": (lambda lr: optim.sgd(lr, momentum=0.9), 0.01),  # step ~ lr / (1 - 0.9) = 0.1
+    "rmsprop": (optim.rmsprop, 1e-3),
+    "adam": (optim.adam, 1e-3),
+    "adamw": (optim.adamw, 1e-3),
+}
+
+LOSSES: dict[str, Loss] = {
+    "softmax_cross_entropy": losses.softmax_cross_entropy,
+    "mse": losses.mse,
+    "huber": losses.huber(1.0),
+    "sigmoid_binary_cross_entropy": losses.sigmoid_binary_cross_entropy,
+}
+
+
+class DataSpec(NamedTuple):
+    """How ``train`` treats one bundled data set."""
+
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]  # raw features, as fbp.datasets gives them
+    task: str  # "multiclass" (softmax CE), "binary" (sigmoid BCE) or "regression" (MSE)
+    pixel_max: float | None  # images: divide by this; None: standardize the features
+    summary: str
+
+
+DATA: dict[str, DataSpec] = {
+    "digits": DataSpec(datasets.load_digits, "multiclass", 16.0, "8x8 digit images, 10 classes"),
+    "mnist5k": DataSpec(
+        datasets.load_mnist_5k, "multiclass", 255.0, "5000 28x28 MNIST images, 10 classes"
+    ),
+    "breast_cancer": DataSpec(
+        datasets.load_breast_cancer, "binary", None, "30 features, malignant (0) / benign (1)"
+    ),
+    "diabetes": DataSpec(
+        datasets.load_diabetes, "regression", None, "10 features, disease progression target"
+    ),
+}
+
+
+# ------------------------------------------------------------------------------ building blocks
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``"128,64"`` -> ``(128, 64)``; ``""`` -> ``()`` (no hidden layer: a linear model)."""
+    try:
+        sizes = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        sizes = (0,)
+    if any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive layer widths such as 128 or 128,64, got {text!r}"
+        )
+    return sizes
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _test_size(text: str) -> float | int:
+    """A fraction in (0, 1) or a count (as ``train_test_split`` takes it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {text!r}")
+
+
+def build_mlp(
+    hidden: Sequence[int],
+    activation: str,
+    outputs: int,
+    *,
+    layernorm: bool = False,
+    dropout: float = 0.0,
+) -> Layer:
+    """``Dense(h1), [LayerNorm], act, [Dropout], ..., Dense(outputs)``: outputs are logits."""
+    layers = []
+    for width in hidden:
+        layers.append(nn.Dense(width))
+        if layernorm:
+            layers.append(nn.LayerNorm())
+        layers.append(ACTIVATIONS[activation]())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+    return nn.serial(*layers, nn.Dense(outputs))
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+
+
+def _affine_stats(X: np.ndarray, pixel_max: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(shift, scale)`` per feature, from the training split only (as datasets.standardize)."""
+    if pixel_max is not None:
+        return np.zeros(X.shape[1]), np.full(X.shape[1], pixel_max)
+    shift, scale = X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64)
+    scale[scale == 0] = 1.0  # constant columns are only centred
+    return shift, scale
+
+
+def _apply(X: np.ndarray, shift, scale) -> np.ndarray:
+    return ((X - shift) / scale).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def _prepare(spec: DataSpec, test_size, seed: int) -> dict:
+    """Split, preprocess and shape the data for ``spec.task``; returns arrays and statistics."""
+    X, y = spec.load()
+    stratify = None if spec.task == "regression" else y
+    X_tr, X_te, y_tr, y_te = datasets.train_test_split(
+        X, y, test_size=test_size, seed=seed, stratify=stratify
+    )
+    y_te_raw = y_te
+    x_shift, x_scale = _affine_stats(X_tr, spec.pixel_max)
+    pre = {"x_shift": x_shift, "x_scale": x_scale}
+    if spec.task == "multiclass":
+        outputs, loss, metrics = int(y.max()) + 1, losses.softmax_cross_entropy, ["accuracy"]
+    elif spec.task == "binary":  # one logit; float targets (N, 1) like the prediction
+        outputs, loss, metrics = 1, losses.sigmoid_binary_cross_entropy, ["accuracy"]
+        y_tr, y_te = (t.astype(np.float32)[:, None] for t in (y_tr, y_te))
+    else:  # regression on a standardized target; reported back in the original units
+        outputs, loss, metrics = 1, losses.mse, ["mae"]
+        pre["y_shift"], pre["y_scale"] = np.float64(y_tr.mean()), np.float64(y_tr.std())
+        y_tr, y_te = (_apply(t[:, None], pre["y_shift"], pre["y_scale"]) for t in (y_tr, y_te))
+    return {
+        "train": (_apply(X_tr, x_shift, x_scale), y_tr),
+        "test": (_apply(X_te, x_shift, x_scale), y_te),
+        "outputs": outputs,
+        "loss": loss,
+        "metrics": metrics,
+        "preprocess": pre,
+        "y_test_raw": y_te_raw,  # the regression report is in these units
+    }
+
+
+def _test_report(net, params, data, task: str) -> tuple[dict, str]:
+    """Test metrics (a dict of floats) and the line that shows them."""
+    X_te, y_te = data["test"]
+    result = train.evaluate(net, data["loss"], params, (X_te, y_te), metrics=data["metrics"])
+    if task != "regression":
+        result = {"loss": result["loss"], "accuracy": result["accuracy"]}
+        return result, f"test loss: {result['loss']:.4f} - test accuracy: {result['accuracy']:.4f}"
+    pre = data["preprocess"]
+    pred = np.asarray(train.predict(net, params, X_te), np.float64)[:, 0]  # (N,) standardized
+    err = pred * pre["y_scale"] + pre["y_shift"] - data["y_test_raw"]  # (N,) original units
+    result = {
+        "loss": result["loss"],
+        "mse": float(np.mean(err**2)),
+        "mae": float(np.mean(np.abs(err))),
+    }
+    line = (
+        f"test loss: {result['loss']:.4f} (mse, standardized target) - test mse: "
+        f"{result['mse']:.1f} - test mae: {result['mae']:.2f} (original units)"
+    )
+    return result, line
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = DATA[args.data]
+    data = _prepare(spec, args.test_size, args.seed)
+    X_tr, y_tr = data["train"]
+    make_opt, default_lr = OPTIMIZERS[args.optimizer]
+    lr = default_lr if args.lr is None else args.lr
+    opt = make_opt(lr)
+    net = build_mlp(args.hidden, args.activation, data["outputs"])
+    k_init, k_fit = jax.random.split(jax.random.key(args.seed))
+    _, params = net.init(k_init, X_tr.shape[1:])
+    if not args.quiet:
+        print(f"data: {args.data} ({spec.summary}): {len(X_tr)} train, {len(data['test'][0])} test")
+        print(f"model: {net.name}, {_count(params):,} params")
+        print(f"loss: {data['loss'].name}, optimizer: {args.optimizer}(lr={lr:g})")
+        if spec.task == "regression":
+            print("(training losses are on the standardized target)")
+    params, opt_state, history = train.fit(
+        net,
+        data["loss"],
+        opt,
+        params,
+        (X_tr, y_tr),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        key=k_fit,
+        metrics=data["metrics"],
+        verbose=0 if args.quiet else 1,
+    )
+    result, line = _test_report(net, params, data, spec.task)
+    print(line)
+    if args.output:
+        config = {
+            "format": "fbp.cli checkpoint",
+            "version": 1,
+            "data": args.data,
+            "hidden": list(args.hidden),
+            "activation": args.activation,
+            "optimizer": args.optimizer,
+            "lr": lr,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "test_size": args.test_size,
+            "seed": args.seed,
+            "input_shape": list(X_tr.shape[1:]),
+            "outputs": data["outputs"],
+            "task": spec.task,
+            "loss": data["loss"].name,
+            "epochs_run": len(history.get("loss", [])),
+            "test": result,
+        }
+        encoded = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
+        tree = {
+            "params": params,
+            "opt_state": opt_state,
+            "config": encoded,
+            "preprocess": data["preprocess"],
+        }
+        io.save(args.output, tree)
+        print(f"saved checkpoint to {args.output}")
+    return 0
+
+
+def load_checkpoint(path: str) -> tuple[Layer, dict]:
+    """Read a ``train --output`` checkpoint: ``(net, ckpt)``, with ``ckpt["config"]`` a dict.
+
+    ``net.apply(ckpt["params"], ((X - p["x_shift"]) / p["x_scale"]).astype(np.float32))``, with
+    ``p = ckpt["preprocess"]``, predicts from raw features ``X``.
+    """
+    ckpt = io.load(path)
+    config = json.loads(bytes(ckpt["config"]).decode("utf-8"))
+    if config.get("format") != "fbp.cli checkpoint":
+        raise ValueError(f"{path}: not a checkpoint written by `python -m fbp train --output`")
+    net = build_mlp(config["hidden"], config["activation"], config["outputs"])
+    return net, {**ckpt, "config": config}
+
+
+# ------------------------------------------------------------------------------ check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    loss = LOSSES[args.loss]
+    net = build_mlp(
+        args.hidden, args.activation, args.outputs, layernorm=args.layernorm, dropout=args.dropout
+    )
+    k_init, k_x, k_y, k_drop = jax.random.split(jax.random.key(args.seed), 4)
+    _, params = net.init(k_init, (args.inputs,))
+    x = jax.random.normal(k_x, (args.batch, args.inputs))
+    if args.loss == "softmax_cross_entropy":  # integer labels
+        y = jax.random.randint(k_y, (args.batch,), 0, args.outputs)
+    elif args.loss == "sigmoid_binary_cross_entropy":  # 0/1 targets
+        y = jax.random.bernoulli(k_y, 0.5, (args.batch, args.outputs)).astype(x.dtype)
+    else:
+        y = jax.random.normal(k_y, (args.batch, args.outputs))
+    key = k_drop if args.dropout else None  # a fixed Dropout mask, the same for all references
+    report = check.check_grads(net, loss, params, x, y, key=key, seed=args.seed)
+    print(report)
+    return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------ parser
+
+_TRAIN_EPILOG = """\
+per data set:
+  digits, mnist5k   pixels divided by 16 / 255; softmax cross-entropy; accuracy
+  breast_cancer     features standardized (train statistics); one logit, sigmoid binary
+                    cross-entropy on float targets (N, 1); accuracy
+  diabetes          features and target standardized; MSE; the test MSE and MAE are also
+                    reported in the target's original units
+  Classification splits are stratified; --seed sets the split, the init and the shuffling.
+
+default learning rates: sgd 0.1, momentum 0.01 (SGD with momentum 0.9), rmsprop, adam and
+adamw 1e-3.
+
+checkpoint (--output PATH): one fbp.io file with a dict {params, opt_state, config,
+preprocess}; config is a uint8 array of UTF-8 JSON (these settings, the input shape, the
+loss and the test metrics): json.loads(bytes(fbp.io.load(PATH)["config"])).
+fbp.cli.load_checkpoint(PATH) returns (net, ckpt) with the network rebuilt and config decoded;
+the network sees (X - preprocess["x_shift"]) / preprocess["x_scale"].
+
+examples:
+  python -m fbp train                                   # digits, 128 relu, adam, 30 epochs
+  python -m fbp train --hidden 256,128 --activation gelu --epochs 10 --output digits.npz
+  python -m fbp train --data breast_cancer --optimizer momentum --quiet
+  python -m fbp train --data diabetes --hidden 32 --optimizer sgd --lr 0.01 --epochs 100
+"""
+
+_CHECK_EPILOG = """\
+The network is Dense(h), [LayerNorm], activation, [Dropout], ..., Dense(outputs) on random
+float inputs of shape (batch, inputs); targets fit the loss (integer labels for softmax
+cross-entropy, 0/1 floats for sigmoid BCE, normal floats otherwise). With --dropout a fixed
+key gives one Dropout mask shared by all three computations. Everything runs in float64.
+Columns: max abs err and max rel err against jax.grad (normwise), fd rel err against central
+finite differences along random directions. Exit status 0 when all rows are ok, 1 otherwise.
+
+examples:
+  python -m fbp check
+  python -m fbp check --hidden 32,16 --activation gelu --loss mse --layernorm
+  python -m fbp check --activation elu --loss sigmoid_binary_cross_entropy --dropout 0.3
+"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fbp",
+        description="fbp: backpropagation with hand-written backward passes in JAX.",
+        epilog="Run `python -m fbp COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser(
+        "train",
+        help="train an MLP on a bundled data set and report test metrics",
+        description="Train an MLP on a bundled data set (default: digits) with fbp.train.fit,\n"
+        "then report the loss and accuracy (or MSE/MAE) on the held-out test split.",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=fmt,
+    )
+    t.add_argument("--data", choices=list(DATA), default="digits", help="default: digits")
+    t.add_argument(
+        "--hidden",
+        type=_sizes,
+        default=(128,),
+        metavar="SIZES",
+        help="hidden layer widths, comma-separated, e.g. 128,64; '' for none (default: 128)",
+    )
+    t.add_argument("--activation", choices=list(ACTIVATIONS), default="relu")
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam")
+    t.add_argument(
+        "--lr",
+        type=_positive(float),
+        default=None,
+        help="learning rate (default: per optimizer, see below)",
+    )
+    t.add_argument("--epochs", type=_positive(int), default=30, help="default: 30")
+    t.add_argument("--batch-size", type=_positive(int), default=32, help="default: 32")
+    t.add_argument(
+        "--test-size",
+        type=_test_size,
+        default=0.2,
+        help="test fraction in (0, 1) or a count (default: 0.2)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="default: 0")
+    t.add_argument("--output", metavar="PATH", help="save a checkpoint here (see below)")
+    t.add_argument(
+        "--quiet", action="store_true", help="print only the test line (and the checkpoint path)"
+    )
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser(
+        "check",
+        help="verify the hand-written gradients of an MLP against jax.grad",
+        description="Build an MLP on random data and compare fbp's hand-written gradients with\n"
+        "jax.grad and finite differences (fbp.check.check_grads); print the per-layer table.",
+        epilog=_CHECK_EPILOG,
+        formatter_class=fmt,
+    )
+    c.add_argument(
+        "--hidden",
+        type=_sizes,
+        default=(16,),
+        metavar="SIZES",
+        help="hidden layer widths, comma-separated (default: 16)",
+    )
+    c.add_argument(
+        "--activation",
+        choices=list(ACTIVATIONS),
+        default="tanh",
+        help="default: tanh (smooth; with relu a finite difference could straddle the kink)",
+    )
+    c.add_argument("--loss", choices=list(LOSSES), default="softmax_cross_entropy")
+    c.add_argument("--inputs", type=_positive(int), default=5, help="input features (default: 5)")
+    c.add_argument("--outputs", type=_positive(int), default=3, help="output units (default: 3)")
+    c.add_argument("--batch", type=_positive(int), default=8, help="batch size (default: 8)")
+    c.add_argument("--seed", type=int, default=0, help="default: 0")
+    c.add_argument("--layernorm", action="store_true", help="LayerNorm after each hidden Dense")
+    c.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="Dropout(RATE) after each activation, RATE the drop probability (default: 0)",
+    )
+    c.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit status."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "check" and not 0 <= args.dropout < 1:
+        parser.error(f"check: --dropout is a drop probability in [0, 1), got {args.dropout}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""``python -m fbp``: train on each data set, checkpoints, check's exit status, ``--help``.
+
+Most tests call ``fbp.cli.main`` in-process (under conftest's strict numerics), which is much
+faster than a subprocess per case; one subprocess checks the ``python -m fbp`` entry point.
+"""
+
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fbp import cli, datasets, io, metrics, nn, optim
+from fbp.core import Layer
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"no match for {pattern!r} in:\n{text}"
+    return float(match.group(1))
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize(
+    "data, extra, pattern, lo, hi",
+    [
+        # digits at the defaults but 2 epochs; a run at 30 epochs reaches ~0.97
+        ("digits", [], r"test accuracy: ([0-9.]+)", 0.8, 1.0),
+        ("mnist5k", ["--hidden", "32"], r"test accuracy: ([0-9.]+)", 0.7, 1.0),
+        ("breast_cancer", [], r"test accuracy: ([0-9.]+)", 0.85, 1.0),
+        # the target's variance is ~5900: predicting the mean scores about that
+        ("diabetes", [], r"test mse: ([0-9.]+)", 0.0, 4500.0),
+    ],
+)
+def test_train_each_data_set_reports_a_sensible_test_metric(capsys, data, extra, pattern, lo, hi):
+    assert cli.main(["train", "--data", data, "--epochs", "2", "--quiet", *extra]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, f"--quiet should print only the test line, got:\n{out}"
+    assert out.startswith("test loss: ")
+    assert lo <= _number(pattern, out) <= hi
+
+
+def test_train_verbose_prints_the_setup_and_one_line_per_epoch(capsys):
+    args = ["train", "--data", "breast_cancer", "--epochs", "3", "--optimizer", "sgd"]
+    assert cli.main([*args, "--hidden", "8,4", "--activation", "tanh", "--lr", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "data: breast_cancer" in out and "455 train, 114 test" in out
+    assert "serial(Dense(8), Tanh, Dense(4), Tanh, Dense(1))" in out
+    assert "sigmoid_binary_cross_entropy" in out and "sgd(lr=0.05)" in out
+    assert [f"Epoch {e}/3" in out for e in (1, 2, 3)] == [True] * 3
+    assert re.search(r"^test loss: [0-9.]+ - test accuracy: [0-9.]+$", out, re.MULTILINE)
+
+
+def test_train_output_writes_a_checkpoint_that_loads_back(capsys, tmp_path):
+    path = tmp_path / "digits.npz"
+    argv = ["train", "--epochs", "1", "--hidden", "16,8", "--activation", "gelu"]
+    argv += ["--optimizer", "momentum", "--seed", "3", "--test-size", "0.25"]
+    assert cli.main([*argv, "--quiet", "--output", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"saved checkpoint to {path}" in out
+    printed_acc = _number(r"test accuracy: ([0-9.]+)", out)
+
+    # The raw file: a dict with params, opt_state, config (JSON bytes), preprocess.
+    ckpt = io.load(path)
+    assert set(ckpt) == {"params", "opt_state", "config", "preprocess"}
+    config = json.loads(bytes(ckpt["config"]).decode("utf-8"))
+    assert config["data"] == "digits" and config["hidden"] == [16, 8]
+    assert config["activation"] == "gelu" and config["optimizer"] == "momentum"
+    assert config["lr"] == 0.01 and config["seed"] == 3 and config["test_size"] == 0.25
+    assert config["input_shape"] == [64] and config["outputs"] == 10
+    assert config["test"]["accuracy"] == pytest.approx(printed_acc, abs=5e-5)
+
+    # Structure, shapes and dtypes match a fresh init and optimizer state exactly.
+    net = cli.build_mlp((16, 8), "gelu", 10)
+    _, params = net.init(jax.random.key(0), (64,))
+    opt_state = optim.sgd(0.01, momentum=0.9).init(params)
+    like = {"params": params, "opt_state": opt_state}
+    like["config"], like["preprocess"] = ckpt["config"], ckpt["preprocess"]
+    loaded = io.load(path, like=like)
+    assert jax.tree.structure(loaded["params"]) == jax.tree.structure(params)
+    assert int(loaded["opt_state"].count) == 43  # 1347 train examples: ceil(1347 / 32) steps
+
+    # load_checkpoint rebuilds the net; the documented preprocessing reproduces the test number.
+    net2, ck = cli.load_checkpoint(str(path))
+    assert net2.name == net.name and ck["config"] == config
+    X, y = datasets.load_digits()
+    _, X_test, _, y_test = datasets.train_test_split(X, y, test_size=0.25, seed=3, stratify=y)
+    pre = ck["preprocess"]
+    np.testing.assert_array_equal(pre["x_shift"], 0.0)
+    np.testing.assert_array_equal(pre["x_scale"], 16.0)
+    x = ((X_test - pre["x_shift"]) / pre["x_scale"]).astype(np.float32)
+    params = jax.tree.map(jnp.asarray, ck["params"])
+    acc = float(metrics.accuracy(net2.apply(params, jnp.asarray(x)), jnp.asarray(y_test)))
+    assert acc == pytest.approx(printed_acc, abs=5e-5)
+
+
+def test_regression_checkpoint_stores_the_target_scaling(tmp_path, capsys):
+    path = tmp_path / "diabetes.npz"
+    assert (
+        cli.main(["train", "--data", "diabetes", "--epochs", "1", "--quiet", "--output", str(path)])
+        == 0
+    )
+    pre = io.load(path)["preprocess"]
+    assert set(pre) == {"x_shift", "x_scale", "y_shift", "y_scale"}
+    assert pre["x_shift"].shape == pre["x_scale"].shape == (10,)
+    assert 100 < float(pre["y_shift"]) < 200 and 50 < float(pre["y_scale"]) < 100
+
+
+# ---------------------------------------------------------------------------------- check
+
+
+def test_check_prints_the_table_and_exits_0(capsys):
+    argv = ["check", "--hidden", "6", "--activation", "gelu", "--loss", "mse", "--layernorm"]
+    assert cli.main([*argv, "--dropout", "0.25", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Gradient check of serial(Dense(6), LayerNorm, Gelu, Dropout(0.25), Dense(3))" in out
+    assert re.search(r"^layer\s+name\s+param\s+shape\s+max abs err", out, re.MULTILINE)
+    assert re.search(r"^1\s+LayerNorm\s+scale\s+\(6,\)", out, re.MULTILINE)
+    assert re.search(r"^input\s+x\s+\(4, 5\)", out, re.MULTILINE)
+    assert "FAIL" not in out and out.rstrip().splitlines()[-1].startswith("OK:")
+
+
+def _buggy_tanh() -> Layer:
+    """Tanh whose backward forgets the square: (1 - y) instead of (1 - y**2)."""
+    return Layer(
+        init=lambda key, shape: (tuple(shape), ()),
+        apply=lambda params, x, *, key=None: jnp.tanh(x),
+        forward=lambda params, x, *, key=None: (jnp.tanh(x), jnp.tanh(x)),
+        backward=lambda params, y, dy: ((), (1 - y) * dy),
+        name="BuggyTanh",
+    )
+
+
+def test_check_exits_1_when_a_gradient_is_wrong(capsys, monkeypatch):
+    monkeypatch.setitem(cli.ACTIVATIONS, "tanh", _buggy_tanh)
+    assert cli.main(["check", "--hidden", "4", "--loss", "sigmoid_binary_cross_entropy"]) == 1
+    out = capsys.readouterr().out
+    assert "BuggyTanh" in out and "FAIL" in out and "FAILED:" in out
+
+
+# ---------------------------------------------------------------------------------- help, errors
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--help"], ["train", "check", "COMMAND --help"]),
+        (["train", "--help"], ["--data", "--hidden", "--activation", "--output", "examples:"]),
+        (["check", "--help"], ["--loss", "--layernorm", "--dropout", "Exit status"]),
+    ],
+)
+def test_help(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required"),
+        (["train", "--hidden", "128,0"], "positive layer widths"),
+        (["train", "--data", "cifar"], "invalid choice"),
+        (["train", "--lr", "-1"], "positive float"),
+        (["train", "--test-size", "1.5"], "fraction in (0, 1)"),
+        (["check", "--dropout", "1.0"], "drop probability"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_fbp_entry_point():
+    run = subprocess.run(
+        [sys.executable, "-m", "fbp", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "usage: python -m fbp" in run.stdout and "train" in run.stdout
+
+
+def test_hidden_empty_gives_a_linear_model():
+    assert cli._sizes("") == ()
+    assert cli._sizes("128, 64") == (128, 64)
+    assert cli.build_mlp((), "relu", 3).name == nn.serial(nn.Dense(3)).name
