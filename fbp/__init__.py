@@ -1,7 +1,7 @@
 """fbp: functional backpropagation in JAX.
 
 A network is a pure function over a parameter pytree; every layer's and every loss's backward
-pass is written by hand from the chain rule, and verified against ``jax.grad`` and finite
+pass is written by hand from the chain rule, and verified against JAX's autodiff (``grad``) and finite
 differences (:mod:`fbp.check`).
 
     from fbp import nn, losses, optim

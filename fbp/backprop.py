@@ -7,7 +7,7 @@
     grads, _    = net.backward(params, cache, dpred)  # chain rule, last layer first
 
 ``as_custom_vjp(net)`` wraps the same forward and backward in ``jax.custom_vjp``, so that
-``jax.grad`` of any JAX code that calls the network runs fbp's hand-written backward.
+JAX's ``grad`` of any code that calls the network runs fbp's hand-written backward.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def forward_backward(
 def as_custom_vjp(net: Layer) -> Callable[..., Array]:
     """Return ``f(params, x, key=None) -> y`` whose VJP is ``net.backward``.
 
-    ``jax.grad``, ``jax.vjp`` and friends applied to code that calls ``f`` differentiate
+    JAX's ``grad``, ``vjp`` and friends applied to code that calls ``f`` differentiate
     through fbp's hand-written backward pass (w.r.t. ``params`` and ``x``; the key gets
-    no cotangent). Forward-mode (``jax.jvp``) is not available, as for any ``custom_vjp``.
+    no cotangent). Forward-mode (``jvp``) is not available, as for any ``custom_vjp``.
     """
 
     @jax.custom_vjp

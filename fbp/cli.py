@@ -6,7 +6,7 @@
 ``train`` fits an MLP (``Dense, activation, ..., Dense``) on a bundled data set, with the loss,
 preprocessing and metrics the data set calls for, and reports the test-split numbers.
 ``check`` builds an MLP on random data and prints :func:`fbp.check.check_grads`'s table; it
-exits 1 when a hand-written gradient disagrees with ``jax.grad`` or finite differences.
+exits 1 when a hand-written gradient disagrees with JAX's autodiff or finite differences.
 
 A checkpoint is one :mod:`fbp.io` file holding a dict::
 
@@ -349,7 +349,7 @@ The network is Dense(h), [LayerNorm], activation, [Dropout], ..., Dense(outputs)
 float inputs of shape (batch, inputs); targets fit the loss (integer labels for softmax
 cross-entropy, 0/1 floats for sigmoid BCE, normal floats otherwise). With --dropout a fixed
 key gives one Dropout mask shared by all three computations. Everything runs in float64.
-Columns: max abs err and max rel err against jax.grad (normwise), fd rel err against central
+Columns: max abs err and max rel err against JAX's autodiff (normwise), fd rel err against central
 finite differences along random directions. Exit status 0 when all rows are ok, 1 otherwise.
 
 examples:
@@ -409,9 +409,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "check",
-        help="verify the hand-written gradients of an MLP against jax.grad",
+        help="verify the hand-written gradients of an MLP against JAX's autodiff",
         description="Build an MLP on random data and compare fbp's hand-written gradients with\n"
-        "jax.grad and finite differences (fbp.check.check_grads); print the per-layer table.",
+        "JAX's autodiff and finite differences (fbp.check.check_grads); print the per-layer table.",
         epilog=_CHECK_EPILOG,
         formatter_class=fmt,
     )

@@ -1,6 +1,6 @@
 """Losses: each is a :class:`fbp.core.Loss` ``(value, value_and_grad, name)``.
 
-    value(pred, target)          -> scalar                plain JAX, the reference for jax.grad
+    value(pred, target)          -> scalar                plain JAX, the reference for JAX's grad
     value_and_grad(pred, target) -> (scalar, dpred)       hand-written, dpred like pred (shape, dtype)
 
 Parameter-free losses are values, losses with options are constructors returning a Loss:
@@ -138,7 +138,7 @@ _MAE_DOC = """Mean absolute error, the mean over every element.
     dp_i  = sign(p_i - t_i) / n
 
 At ``p_i == t_i`` the hand-written gradient uses the subgradient 0 (as PyTorch's ``L1Loss``);
-``jax.grad`` of ``value`` gives 1/n there. ``target`` has exactly ``pred``'s shape.
+JAX's ``grad`` of ``value`` gives 1/n there. ``target`` has exactly ``pred``'s shape.
 """
 
 
