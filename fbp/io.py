@@ -32,7 +32,7 @@ import secrets
 from typing import Any
 
 import jax
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["load", "save"]
@@ -53,7 +53,7 @@ _ML_DTYPES = (  # jax dtypes that .npy cannot describe: stored as raw bits, rest
     "int4",
     "uint4",
 )
-_BITS_DTYPES = {n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_DTYPES if hasattr(ml_dtypes, n)}
+_BITS_DTYPES = {n: np.dtype(getattr(jnp, n)) for n in _ML_DTYPES if hasattr(jnp, n)}
 
 
 def _is_namedtuple(x) -> bool:

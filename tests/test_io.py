@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -35,7 +34,7 @@ def _all_dtypes() -> dict:
         "f32": f.astype(np.float32),
         "f64": f,
         "f16": f.astype(np.float16),
-        "bf16_np": f.astype(ml_dtypes.bfloat16),
+        "bf16_np": f.astype(jnp.bfloat16),
         "bf16_jax": jnp.asarray(f, dtype=jnp.bfloat16),
         "i32": rng.integers(-(2**31), 2**31 - 1, size=5, dtype=np.int32),
         "i64": np.array([-(2**63), 2**63 - 1], dtype=np.int64),
