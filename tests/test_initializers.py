@@ -1,0 +1,58 @@
+"""Initializers against jax.nn.initializers (bit for bit where the draw is the same) and against
+their variance formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fbp import initializers as init
+
+SHAPE = (300, 200)  # fan_in 300, fan_out 200
+KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (init.glorot_normal, jax.nn.initializers.glorot_normal()),
+        (init.he_normal, jax.nn.initializers.he_normal()),
+        (init.lecun_normal, jax.nn.initializers.lecun_normal()),
+        (init.normal(0.05), jax.nn.initializers.normal(0.05)),
+    ],
+    ids=["glorot_normal", "he_normal", "lecun_normal", "normal"],
+)
+def test_normal_initializers_equal_jax_nn_initializers(ours, theirs):
+    np.testing.assert_allclose(
+        ours(KEY, SHAPE, jnp.float32), theirs(KEY, SHAPE, jnp.float32), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "fn,variance,bound",
+    [
+        (init.glorot_uniform, 2 / 500, np.sqrt(6 / 500)),
+        (init.he_uniform, 2 / 300, np.sqrt(6 / 300)),
+        (init.glorot_normal, 2 / 500, 2 * np.sqrt(2 / 500) / 0.87962566103423978),
+        (init.he_normal, 2 / 300, 2 * np.sqrt(2 / 300) / 0.87962566103423978),
+        (init.lecun_normal, 1 / 300, 2 * np.sqrt(1 / 300) / 0.87962566103423978),
+        (init.normal(0.1), 0.01, np.inf),
+    ],
+    ids=["glorot_uniform", "he_uniform", "glorot_normal", "he_normal", "lecun_normal", "normal"],
+)
+def test_variance_and_bounds_follow_the_formula(fn, variance, bound):
+    w = np.asarray(fn(KEY, SHAPE, jnp.float64))
+    assert w.dtype == np.float64 and w.shape == SHAPE
+    # 60k draws: the sample variance is within ~1.5% (3 sigma) of the true one.
+    np.testing.assert_allclose(w.var(), variance, rtol=0.03)
+    assert abs(w.mean()) < 4 * np.sqrt(variance / w.size)
+    assert np.abs(w).max() <= bound
+
+
+def test_constants_and_dtypes():
+    np.testing.assert_array_equal(init.zeros(KEY, (3, 2)), np.zeros((3, 2)))
+    np.testing.assert_array_equal(init.ones(KEY, (4,)), np.ones(4))
+    assert init.glorot_uniform(KEY, (3, 2)).dtype == jnp.float32
+    assert init.he_normal(KEY, (3, 2), jnp.bfloat16).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="stddev"):
+        init.normal(-1.0)
