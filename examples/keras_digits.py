@@ -19,8 +19,9 @@ What it teaches:
 * the final softmax moves into the loss: ``softmax_cross_entropy`` takes logits, which is
   stable and makes its hand-written gradient simply ``(softmax(logits) - one_hot) / batch``;
   integer labels are accepted, so ``to_categorical`` is not needed;
-* Keras's Adam puts epsilon (1e-7) outside ``sqrt(nu)`` without bias correction ("epsilon
-  hat"); ``optim.adam(1e-3, eps=1e-7, eps_hat=True)`` is exactly that update.
+* Keras's Adam folds the bias correction into the step size, ``lr sqrt(1 - b2^t) / (1 - b1^t)``,
+  and adds epsilon (1e-7) to the uncorrected ``sqrt(nu)`` ("epsilon hat");
+  ``optim.adam(1e-3, eps=1e-7, eps_hat=True)`` is exactly that update.
 
 Run: ``python examples/keras_digits.py`` (30 epochs, a few seconds), ``--fast`` for 3 epochs.
 """
