@@ -34,6 +34,15 @@ from fbp.core import Array, Layer, Loss, PyTree, Shape
 _TINY = 1e-30
 
 
+def _x64():
+    """A context with 64-bit types on (``jax.enable_x64``; older JAX: ``jax.experimental``)."""
+    if callable(getattr(jax, "enable_x64", None)):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # JAX before the top-level context manager
+
+    return enable_x64(True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One parameter array (or the input) and its errors against the references."""
@@ -198,7 +207,7 @@ def check_grads(
     is fixed. Returns a :class:`Report`: ``print(report)`` shows the per-parameter table, with
     a row ``input`` for ``dL/dx`` (hand-written via ``net.backward``, against ``jax.grad``).
     """
-    with jax.enable_x64(True):
+    with _x64():
         params, x, y = _to64(params), _to64(x), _to64(y)
 
         def ref_loss(p, xx):  # the reference: plain apply and loss value, differentiated by JAX
@@ -258,7 +267,7 @@ def check_layer(
     ``apply`` so a Dropout mask is exercised (and held fixed across the comparison).
     """
     k_init, k_x, k_dy, k_fd, k_layer = jax.random.split(key, 5)
-    with jax.enable_x64(True):
+    with _x64():
         out_shape, params = layer.init(k_init, tuple(input_shape))
         params = _to64(params)
         x = jax.random.normal(k_x, (batch_size, *input_shape), jnp.float64)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from fbp.core import Array, ShapeError
+from fbp.core import Array, ShapeError, check_shape
 
 Metric = Callable[[Array, Array], Array]
 
@@ -28,6 +28,11 @@ def accuracy(pred: Array, target: Array) -> Array:
         return jnp.mean(jnp.argmax(pred, -1).astype(target.dtype) == target)
     if target.shape == pred.shape:
         return jnp.mean(jnp.argmax(pred, -1) == jnp.argmax(target, -1))
+    if target.shape == pred.shape[:-1]:
+        raise TypeError(
+            f"accuracy: labels of shape {target.shape} must be integers, got {target.dtype}; "
+            "pass y.astype(int), or one-hot targets of the prediction's shape."
+        )
     raise ShapeError(
         f"accuracy: target should have shape {pred.shape[:-1]} (integer labels) or "
         f"{pred.shape} (one-hot or binary), got {target.shape}."
@@ -35,7 +40,10 @@ def accuracy(pred: Array, target: Array) -> Array:
 
 
 def mae(pred: Array, target: Array) -> Array:
-    """Mean absolute error, ``mean |pred - target|`` (a metric for regression)."""
+    """Mean absolute error, ``mean |pred - target|`` (a metric for regression); no broadcasting."""
+    check_shape(
+        "mae", "target", pred.shape, target.shape, "Pass a target of the prediction's shape."
+    )
     return jnp.mean(jnp.abs(pred - target.astype(pred.dtype)))
 
 

@@ -31,8 +31,13 @@ def _no_params_layer(
     fwd: Callable[[Array], tuple[Array, PyTree]],
     bwd: Callable[[PyTree, Array], Array],
     out_shape: Callable[[Shape], Shape] = lambda s: s,
+    dy_shape: Callable[[PyTree], tuple] | None = lambda cache: cache.shape,
 ) -> Layer:
-    """A parameter-free layer from ``fwd(x) -> (y, cache)`` and ``bwd(cache, dy) -> dx``."""
+    """A parameter-free layer from ``fwd(x) -> (y, cache)`` and ``bwd(cache, dy) -> dx``.
+
+    ``dy_shape(cache)`` is the shape ``dy`` must have (``None`` entries match any size); by
+    default the cache's own shape, right for every layer that caches its input or output.
+    """
 
     def init(key, input_shape):
         return out_shape(tuple(input_shape)), ()
@@ -44,9 +49,16 @@ def _no_params_layer(
         return fwd(x)
 
     def backward(params, cache, dy):
+        if dy_shape is not None:
+            _check_dy(name, dy_shape(cache), dy)
         return (), bwd(cache, dy)
 
     return Layer(init, apply, forward, backward, name)
+
+
+def _check_dy(name: str, expected: tuple, dy: Array) -> None:
+    check_shape(name, "dy (the gradient of the output)", expected, dy.shape,
+                "Pass dL/dy with the shape forward's output had.")  # fmt: skip
 
 
 def _sum_last(v: Array) -> Array:
@@ -62,7 +74,7 @@ def _lead(v: Array, ndim: int) -> Array:
 
 
 def _relu_fwd(x):
-    y = jnp.maximum(x, 0)
+    y = jax.nn.relu(x)  # its autodiff derivative at 0 is 0, as the backward below
     return y, y
 
 
@@ -183,13 +195,18 @@ LogSoftmax = _no_params_layer(
     "LogSoftmax", _log_softmax_fwd, lambda y, dy: dy - jnp.exp(y) * _sum_last(dy)
 )
 
-Identity = _no_params_layer("Identity", lambda x: (x, ()), lambda cache, dy: dy)
+Identity = _no_params_layer("Identity", lambda x: (x, ()), lambda cache, dy: dy, dy_shape=None)
 
 
 # ---------------------------------------------------------------- shape
 
 
 def _flatten_fwd(x):
+    if x.ndim < 2:
+        raise ShapeError(
+            f"Flatten: the input should have a batch axis and at least one more, got {x.shape}. "
+            "Pass x of shape (batch, *example_shape)."
+        )
     # The cache is a zero-size array that carries the input's per-example shape for backward.
     return x.reshape(x.shape[0], -1), jnp.zeros((0, *x.shape[1:]), x.dtype)
 
@@ -199,6 +216,7 @@ Flatten = _no_params_layer(
     _flatten_fwd,
     lambda like, dy: dy.reshape(dy.shape[0], *like.shape[1:]),  # (batch, *input_shape)
     lambda s: (math.prod(s),),
+    lambda like: (None, math.prod(like.shape[1:])),
 )
 
 
@@ -241,13 +259,15 @@ def Dense(
     def _check(params, x):
         in_dim = params["w"].shape[0]
         if x.ndim < 2 or x.shape[-1] != in_dim:
+            lead = (None, *x.shape[1:-1]) if x.ndim >= 2 else (None,)
             check_shape(
                 name,
                 "the input",
-                (None, in_dim),
+                (*lead, in_dim),
                 x.shape,
-                f"This layer was initialized for {in_dim} input features; pass x of shape "
-                f"(batch, {in_dim}), or re-run init with the input shape ({x.shape[-1]},).",
+                f"This layer was initialized for {in_dim} input features (its last axis); pass "
+                f"x of shape (batch, ..., {in_dim}), or re-run init with the input shape "
+                f"{tuple(x.shape[1:])}.",
             )
 
     def apply(params, x, *, key=None):
@@ -258,12 +278,15 @@ def Dense(
         return apply(params, x), x
 
     def backward(params, x, dy):
+        w = params["w"]
+        _check_dy(name, (*x.shape[:-1], w.shape[1]), dy)
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (n, out)
         dw = x2.T @ dy2  # (in, out)
         db = dy2.sum(0)  # (out,)
-        dx = dy @ params["w"].T  # (..., in)
-        return {"w": dw, "b": db}, dx
+        dx = dy @ w.T  # (..., in)
+        # In the params' dtype, as autodiff gives it (a float64 x must not widen float32 grads).
+        return {"w": dw.astype(w.dtype), "b": db.astype(params["b"].dtype)}, dx
 
     return Layer(init, apply, forward, backward, name)
 
@@ -290,6 +313,8 @@ def LayerNorm(epsilon: float = 1e-5, *, dtype=jnp.float32) -> Layer:
 
     def init(key, input_shape):
         input_shape = tuple(input_shape)
+        if not input_shape:
+            raise ShapeError(f"{name}: needs an input with a feature axis, got {input_shape}.")
         d = input_shape[-1]
         return input_shape, {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
 
@@ -309,9 +334,10 @@ def LayerNorm(epsilon: float = 1e-5, *, dtype=jnp.float32) -> Layer:
 
     def backward(params, cache, dy):
         xhat, r = cache
+        _check_dy(name, xhat.shape, dy)
         axes = tuple(range(dy.ndim - 1))
-        dscale = jnp.sum(dy * xhat, axis=axes)  # (d,)
-        dbias = jnp.sum(dy, axis=axes)  # (d,)
+        dscale = jnp.sum(dy * xhat, axis=axes).astype(params["scale"].dtype)  # (d,)
+        dbias = jnp.sum(dy, axis=axes).astype(params["bias"].dtype)  # (d,)
         g = dy * _lead(params["scale"], dy.ndim)  # dL/dxhat
         mean_g = jnp.mean(g, axis=-1, keepdims=True)
         mean_gx = jnp.mean(g * xhat, axis=-1, keepdims=True)
@@ -344,6 +370,7 @@ def Dropout(rate: float) -> Layer:
     def backward(params, mask, dy):
         if isinstance(mask, tuple):  # evaluation mode: identity
             return (), dy
+        _check_dy(f"Dropout({rate})", mask.shape, dy)
         return (), jnp.where(mask, dy / keep, 0)
 
     def init(key, input_shape):

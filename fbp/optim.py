@@ -13,6 +13,9 @@
   give PyTorch's or Keras's conventions where these differ (each docstring says which).
 - Every state leaf has its param's dtype and new params keep theirs; the arithmetic runs in at
   least float32 (a bfloat16 leaf is upcast inside the update and stored back as bfloat16).
+  As in optax, a float16 leaf keeps float16 buffers, and Adam's ``nu`` (g**2) underflows there
+  for gradients below ~1e-4: keep float32 master params for float16 models (bfloat16 has
+  float32's range and does not have this problem).
 - The new state has the old one's tree, shapes and dtypes, so a jitted step compiles once.
   Options are resolved in Python at construction, and no unused buffer is kept.
 - Each leaf is updated by one elementwise function of its param, gradient and buffers (one pass

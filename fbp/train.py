@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import sys
 import time
 import warnings
@@ -127,7 +128,8 @@ def _per_example_sum(fn, pred, y, valid):
 
 @functools.lru_cache(maxsize=64)
 def _epoch_program(net, loss, optimizer, batch_size, metric_fns, progress, unroll):
-    """``run(params, opt_state, X, y, order, key, epoch) -> (params, opt_state, [loss, *metrics])``.
+    """``run(params, opt_state, X, y, order, key, epoch) -> (params, opt_state, stats)``, where
+    ``stats`` is ``[loss, *metrics, 1.0 if every new param is finite else 0.0]``.
 
     ``order`` lists the examples of the epoch, padded by wrapping around to a whole number of
     batches; the padded rows of the last batch are masked out. Masking, not a second program
@@ -172,7 +174,8 @@ def _epoch_program(net, loss, optimizer, batch_size, metric_fns, progress, unrol
         (params, opt_state, sums), _ = jax.lax.scan(
             body, (params, opt_state, sums), jnp.arange(n_steps), unroll=unroll
         )
-        return params, opt_state, sums / n
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        return params, opt_state, jnp.concatenate([sums / n, finite.astype(jnp.float32)[None]])
 
     return jax.jit(run)
 
@@ -244,6 +247,31 @@ def _as_input(X, params: PyTree) -> Array:
     if dtype is not None and jnp.issubdtype(X.dtype, jnp.floating) and X.dtype != dtype:
         X = X.astype(dtype)
     return jax.device_put(X)
+
+
+def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | None) -> PyTree:
+    """``opt_state`` rebuilt with the exact tree type ``optimizer.init(params)`` has.
+
+    A state read back by ``fbp.io.load(path)`` without ``like`` holds equal leaves in look-alike
+    NamedTuple classes, which ``lax.scan`` would reject as a different carry. Same leaf paths,
+    shapes and dtypes are required; anything else is an error, never a reinterpretation.
+    """
+    template = jax.eval_shape(optimizer.init, params)
+    if opt_state is None:
+        return optimizer.init(params)
+    got = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    want = jax.tree_util.tree_flatten_with_path(template)[0]
+    describe = lambda pairs: [  # noqa: E731
+        (jax.tree_util.keystr(p), tuple(np.shape(a)), jnp.result_type(a)) for p, a in pairs
+    ]
+    if describe(got) != describe(want):
+        raise ValueError(
+            f"fit: opt_state does not fit this optimizer and these params.\n"
+            f"  expected {jax.tree.structure(template)}\n  got      {jax.tree.structure(opt_state)}\n"
+            "Pass the state that this optimizer's init or update returned (restore a checkpoint "
+            "with fbp.io.load(path, like=...) to check it)."
+        )
+    return jax.tree.unflatten(jax.tree.structure(template), [a for _, a in got])
 
 
 def _check_data(where: str, X, y) -> tuple[Any, Array]:
@@ -322,8 +350,9 @@ def fit(
     """
     X, y = _check_data("fit", *data)
     X = _as_input(X, params)
-    if not (isinstance(batch_size, int) and batch_size > 0):
+    if not (isinstance(batch_size, numbers.Integral) and batch_size > 0):
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}.")
+    batch_size = int(batch_size)
     if not 0 <= initial_epoch <= epochs:
         raise ValueError(f"fit: need 0 <= initial_epoch <= epochs, got {initial_epoch}, {epochs}.")
     batch_size = min(batch_size, X.shape[0])
@@ -331,8 +360,7 @@ def fit(
     if validation_data is not None:
         X_val, y_val = _check_data("fit (validation_data)", *validation_data)
         validation_data = (_as_input(X_val, params), y_val)
-    if opt_state is None:
-        opt_state = optimizer.init(params)
+    opt_state = _conform_state(optimizer, params, opt_state)
     progress = _PROGRESS if verbose else None
     run_epoch = _epoch_program(net, loss, optimizer, batch_size, metric_fns, progress, int(unroll))
     seed = np.asarray(jax.random.key_data(key)).ravel().tolist()  # uint32 words of the key
@@ -349,13 +377,18 @@ def fit(
             progress.start(n_steps)
         order = _epoch_order(seed, epoch, X.shape[0], batch_size, shuffle)
         new_params, new_state, stats = run_epoch(params, opt_state, X, y, order, key, epoch)
-        stats = np.asarray(stats).tolist()  # the one host sync of the epoch
+        *stats, params_finite = np.asarray(stats).tolist()  # the one host sync of the epoch
         if progress:
             progress.clear()
         logs = dict(zip(log_names, stats))
-        if not np.isfinite(logs["loss"]):
+        if not (np.isfinite(logs["loss"]) and params_finite):
+            what = (
+                f"loss became {logs['loss']}"
+                if not np.isfinite(logs["loss"])
+                else "params became non-finite"
+            )
             warnings.warn(
-                f"fit: the training loss became {logs['loss']} in epoch {epoch + 1}; stopping. "
+                f"fit: the training {what} in epoch {epoch + 1}; stopping. "
                 "The returned params are those from before this epoch. Try a lower learning "
                 "rate, gradient clipping (fbp.optim.clip_by_global_norm), or check the data "
                 "for NaN/inf.",
@@ -400,6 +433,8 @@ class _Stopper:
                 f"EarlyStopping: monitor {cfg.monitor!r} is not logged; fit logs {log_names}. "
                 "Pass validation_data for val_* logs, or metrics=['accuracy'] for accuracy."
             )
+        if not (isinstance(cfg.patience, int) and cfg.patience >= 0):
+            raise ValueError(f"EarlyStopping: patience must be an int >= 0, got {cfg.patience!r}.")
         mode = cfg.mode if cfg.mode != "auto" else ("max" if "acc" in cfg.monitor else "min")
         if mode not in ("min", "max"):
             raise ValueError(
@@ -415,6 +450,6 @@ class _Stopper:
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.cfg.restore_best:
                 self.best_state = (params, opt_state)
-        else:
-            self.wait += 1
-        return self.wait >= self.cfg.patience
+            return False
+        self.wait += 1
+        return self.wait >= self.cfg.patience  # as Keras: patience non-improving epochs

@@ -297,3 +297,45 @@ def test_serial_splits_keys_so_dropout_layers_draw_different_masks():
     x = jnp.ones((1, 1000))
     _, (m1, _, m2) = net.forward(net.init(jax.random.key(0), (1000,))[1], x, key=jax.random.key(1))
     assert not np.array_equal(m1, m2)
+
+
+def test_relu_backward_agrees_with_autodiff_at_exactly_zero():
+    x = jnp.array([[-1.0, 0.0, 2.0], [0.0, 0.0, -0.0]])
+    dy = jnp.ones_like(x)
+    _, vjp = jax.vjp(lambda x: nn.Relu.apply((), x), x)
+    np.testing.assert_array_equal(
+        nn.Relu.backward((), nn.Relu.forward((), x)[1], dy)[1], vjp(dy)[0]
+    )
+
+
+def test_backward_rejects_a_dy_of_the_wrong_shape():
+    for layer, shape, cut in [
+        (nn.Dense(3), (4,), lambda dy: dy[:1]),  # batch 1 against a batch-2 forward
+        (nn.LayerNorm(), (4,), lambda dy: dy[:1]),
+        (nn.Relu, (4,), lambda dy: dy[:1]),
+        (nn.Flatten, (2, 3), lambda dy: dy[:, :5]),  # 5 features where the output had 6
+    ]:
+        _, params, x, dy = setup(layer, shape, 2)
+        _, cache = layer.forward(params, x)
+        with pytest.raises(ShapeError, match=r"dy .*should have shape"):
+            layer.backward(params, cache, cut(dy))
+
+
+def test_shape_errors_for_flatten_and_layernorm_inputs():
+    with pytest.raises(ShapeError, match=r"Flatten.*batch axis"):
+        nn.Flatten.apply((), jnp.zeros(4))
+    with pytest.raises(ShapeError, match=r"LayerNorm.*feature axis"):
+        nn.LayerNorm().init(jax.random.key(0), ())
+    _, params = nn.Dense(2).init(jax.random.key(0), (3, 4))
+    with pytest.raises(ShapeError, match=r"\(batch, 3, 4\).*got \(2, 3, 5\)"):
+        nn.Dense(2).apply(params, jnp.zeros((2, 3, 5)))
+
+
+def test_float64_input_does_not_widen_float32_param_gradients():
+    layer = nn.serial(nn.Dense(3), nn.LayerNorm())
+    _, params = layer.init(jax.random.key(0), (4,))  # float32
+    x = jax.random.normal(jax.random.key(1), (2, 4), jnp.float64)
+    with jax.numpy_dtype_promotion("standard"):  # a user's default promotion rules
+        y, cache = layer.forward(params, x)
+        dparams, _ = layer.backward(params, cache, jnp.ones_like(y))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(dparams))

@@ -239,3 +239,63 @@ def test_fit_rejects_bad_data_and_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         train.fit(net, CE, optim.sgd(0.1), params, (jnp.zeros((10, 5)), jnp.zeros(10, jnp.int32)),
                   epochs=1, batch_size=0, key=jax.random.key(0))  # fmt: skip
+
+
+def test_resume_from_a_checkpoint_loaded_without_like(tmp_path):
+    """io.load without ``like`` gives look-alike NamedTuples; fit accepts them as the real state."""
+    net, opt = mlp(8, 3), optim.adam(1e-2)
+    X = jax.random.normal(jax.random.key(0), (40, 5), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (40,), 0, 3)
+    kw = dict(batch_size=16, key=jax.random.key(2), verbose=0)
+    params, state, _ = train.fit(net, CE, opt, init(net, 5), (X, y), epochs=1, **kw)
+    fbp.io.save(tmp_path / "c.npz", {"params": params, "opt_state": state})
+    plain = fbp.io.load(tmp_path / "c.npz")
+    assert type(plain["opt_state"]) is not type(state)
+    got = train.fit(net, CE, opt, plain["params"], (X, y), epochs=3, initial_epoch=1,
+                    opt_state=plain["opt_state"], **kw)  # fmt: skip
+    want = train.fit(net, CE, opt, params, (X, y), epochs=3, initial_epoch=1, opt_state=state, **kw)
+    assert tree_equal(got[0], want[0]) and tree_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="opt_state does not fit"):
+        train.fit(net, CE, optim.sgd(0.1, momentum=0.9), params, (X, y), epochs=1,
+                  opt_state=plain["opt_state"], **kw)  # fmt: skip
+
+
+def test_early_stopping_patience_counts_non_improving_epochs():
+    net = mlp(8, 3)
+    X = jax.random.normal(jax.random.key(0), (64, 5), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (64,), 0, 3)
+
+    def run(patience, monitor="loss", mode="auto"):
+        stop = train.EarlyStopping(
+            monitor=monitor, patience=patience, mode=mode, restore_best=False
+        )
+        return train.fit(net, CE, optim.sgd(0.05), init(net, 5), (X, y), epochs=6, batch_size=16,
+                         key=jax.random.key(0), early_stopping=stop, verbose=0)[2]  # fmt: skip
+
+    assert len(run(0)["loss"]) == 6  # the training loss improves every epoch: no stop
+    # "max" on a falling loss: epoch 1 is the best, each later one is worse.
+    assert len(run(0, mode="max")["loss"]) == 2
+    assert len(run(2, mode="max")["loss"]) == 3
+    with pytest.raises(ValueError, match="patience"):
+        run(-1)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the 1e39 step, on purpose
+def test_non_finite_params_after_the_last_step_stop_training():
+    """One step per epoch with a huge step: the loss seen was finite, the params are not."""
+    net = mlp(4, 3)
+    X = jax.random.normal(jax.random.key(0), (8, 5), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (8,), 0, 3)
+    with pytest.warns(RuntimeWarning, match="params became non-finite"):
+        out, _, history = train.fit(net, CE, optim.sgd(1e39), init(net, 5), (X, y), epochs=3,
+                                    batch_size=8, key=jax.random.key(2), verbose=0)  # fmt: skip
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(out))
+    assert len(history.get("loss", [])) < 3
+
+
+def test_batch_size_may_be_a_numpy_integer():
+    net = mlp(4, 3)
+    X, y = jnp.zeros((10, 5), jnp.float32), jnp.zeros((10,), jnp.int32)
+    _, state, _ = train.fit(net, CE, optim.sgd(0.1), init(net, 5), (X, y), epochs=1,
+                            batch_size=np.int64(4), key=jax.random.key(0), verbose=0)  # fmt: skip
+    assert int(state.count) == 3
