@@ -256,9 +256,9 @@ def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | Non
     NamedTuple classes, which ``lax.scan`` would reject as a different carry. Same leaf paths,
     shapes and dtypes are required; anything else is an error, never a reinterpretation.
     """
-    template = jax.eval_shape(optimizer.init, params)
     if opt_state is None:
         return optimizer.init(params)
+    template = jax.eval_shape(optimizer.init, params)
     got = jax.tree_util.tree_flatten_with_path(opt_state)[0]
     want = jax.tree_util.tree_flatten_with_path(template)[0]
     describe = lambda pairs: [  # noqa: E731
