@@ -257,7 +257,7 @@ def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | Non
     shapes and dtypes are required; anything else is an error, never a reinterpretation.
     """
     if opt_state is None:
-        return optimizer.init(params)
+        return jax.jit(optimizer.init)(params)  # one small program, not an eager op per leaf
     template = jax.eval_shape(optimizer.init, params)
     got = jax.tree_util.tree_flatten_with_path(opt_state)[0]
     want = jax.tree_util.tree_flatten_with_path(template)[0]
