@@ -86,6 +86,15 @@ def _check_in(name: str, arg: str, value: float, lo: float, hi: float | None) ->
         raise ValueError(f"{name}: {arg} must be in {where}, got {value!r}.")
 
 
+def _check_momentum(name: str, momentum: float | None, nesterov: bool) -> float:
+    """Momentum in [0, 1) (optax spells "no momentum" None); Nesterov needs momentum > 0."""
+    momentum = 0.0 if momentum is None else momentum
+    _check_in(name, "momentum", momentum, 0.0, 1.0)
+    if nesterov and momentum == 0:
+        raise ValueError(f"{name}: nesterov=True needs momentum > 0, got momentum={momentum!r}.")
+    return momentum
+
+
 def _as_schedule(name: str, learning_rate: ScalarOrSchedule) -> Schedule:
     """A float learning rate (checked >= 0) as a constant schedule; a callable as it is."""
     if callable(learning_rate):
@@ -201,10 +210,7 @@ def sgd(
     """
     name = "sgd"
     lr_fn = _as_schedule(name, learning_rate)
-    momentum = 0.0 if momentum is None else momentum  # optax spells "no momentum" None
-    _check_in(name, "momentum", momentum, 0.0, 1.0)
-    if nesterov and momentum == 0:
-        raise ValueError(f"{name}: nesterov=True needs momentum > 0, got momentum={momentum!r}.")
+    momentum = _check_momentum(name, momentum, nesterov)
     use_trace = momentum > 0
 
     def init(params: PyTree) -> SgdState:
@@ -274,12 +280,9 @@ def rmsprop(
     """
     name = "rmsprop"
     lr_fn = _as_schedule(name, learning_rate)
-    momentum = 0.0 if momentum is None else momentum  # optax spells "no momentum" None
     _check_in(name, "decay", decay, 0.0, 1.0)
     _check_in(name, "eps", eps, 0.0, None)
-    _check_in(name, "momentum", momentum, 0.0, 1.0)
-    if nesterov and momentum == 0:
-        raise ValueError(f"{name}: nesterov=True needs momentum > 0, got momentum={momentum!r}.")
+    momentum = _check_momentum(name, momentum, nesterov)
     use_trace = momentum > 0
 
     def init(params: PyTree) -> RmspropState:
