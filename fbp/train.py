@@ -114,12 +114,6 @@ class _Progress:
 _PROGRESS = _Progress()  # printing only; one instance so that the compiled epoch is reused
 
 
-def _batch_metrics(metric_fns, pred, y, value):
-    return jnp.stack(
-        [value.astype(jnp.float32)] + [m(pred, y).astype(jnp.float32) for _, m in metric_fns]
-    )
-
-
 def _per_example_sum(fn, pred, y, valid):
     """``sum_b valid_b * fn(pred[b:b+1], y[b:b+1])``: a batch-mean function, summed per example."""
     per_example = jax.vmap(lambda p, t: fn(p[None], t[None]))(pred, y)  # (batch,)
@@ -189,33 +183,28 @@ def _epoch_order(seed: list[int], epoch: int, n: int, batch_size: int, shuffle: 
     return jnp.asarray(order.astype(np.int32))
 
 
-def _batched(fn, batch_size, X, *rest):
-    """``[(out, weight), ...]``: ``fn(x_batch, *rest_batches)`` over the full batches (one
-    ``lax.scan``, outputs stacked on a new leading axis) and over the remainder (if any)."""
-    n = X.shape[0]
-    n_full, rem = divmod(n, batch_size)
-    outs = []
-    if n_full:
-
-        def split(a):  # (n_full * batch_size, ...) -> (n_full, batch_size, ...)
-            return a[: n_full * batch_size].reshape(n_full, batch_size, *a.shape[1:])
-
-        _, out = jax.lax.scan(lambda c, b: (c, fn(*b)), 0, (split(X), *map(split, rest)))
-        outs.append((out, batch_size))
-    if rem:
-        out = fn(X[n_full * batch_size :], *(a[n_full * batch_size :] for a in rest))
-        outs.append((jax.tree.map(lambda a: a[None], out), rem))
-    return outs
+def _padded_batches(n: int, batch_size: int) -> tuple[Array, Array]:
+    """Indices ``(steps, batch_size)`` covering ``range(n)`` in order, the last batch padded by
+    wrapping around, and the mask that is False on the padding (as ``fit``'s last batch)."""
+    steps = -(-n // batch_size)
+    flat = jnp.arange(steps * batch_size)
+    return (flat % n).reshape(steps, batch_size), (flat < n).reshape(steps, batch_size)
 
 
 @functools.lru_cache(maxsize=64)
 def _evaluate_program(net, loss, batch_size, metric_fns):
     def run(params, X, y):
-        def stats(x, y):
-            pred = net.apply(params, x)
-            return _batch_metrics(metric_fns, pred, y, loss(pred, y))
+        def body(total, batch):
+            idx, valid = batch
+            pred = net.apply(params, X[idx])
+            sums = [
+                _per_example_sum(f, pred, y[idx], valid)
+                for f in (loss, *(m for _, m in metric_fns))
+            ]
+            return total + jnp.stack(sums), None
 
-        total = sum(weight * jnp.sum(s, axis=0) for s, weight in _batched(stats, batch_size, X, y))
+        total = jnp.zeros(1 + len(metric_fns), jnp.float32)
+        total, _ = jax.lax.scan(body, total, _padded_batches(X.shape[0], batch_size))
         return total / X.shape[0]
 
     return jax.jit(run)
@@ -224,8 +213,9 @@ def _evaluate_program(net, loss, batch_size, metric_fns):
 @functools.lru_cache(maxsize=64)
 def _predict_program(net, batch_size):
     def run(params, X):
-        outs = _batched(lambda x: net.apply(params, x), batch_size, X)
-        return jnp.concatenate([o.reshape(-1, *o.shape[2:]) for o, _ in outs], axis=0)
+        idx, _ = _padded_batches(X.shape[0], batch_size)
+        _, out = jax.lax.scan(lambda c, i: (c, net.apply(params, X[i])), 0, idx)
+        return out.reshape(-1, *out.shape[2:])[: X.shape[0]]  # drop the padding
 
     return jax.jit(run)
 
