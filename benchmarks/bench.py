@@ -104,19 +104,20 @@ def paired_ratio(num: list[float], den: list[float]) -> tuple[float, tuple[float
 
 
 class StepSampler:
-    """Times ``n`` steps of a donating ``step(params, state, x, y)``, feeding the results back."""
+    """Times ``n`` steps of a donating ``step(params, state, opt_state, x, y)``, feeding the
+    results back."""
 
-    def __init__(self, step, params, state, x, y, n: int):
-        self.step, self.carry, self.x, self.y, self.n = step, (params, state), x, y, n
+    def __init__(self, step, params, state, opt_state, x, y, n: int):
+        self.step, self.carry, self.x, self.y, self.n = step, (params, state, opt_state), x, y, n
 
     def __call__(self) -> float:
-        params, state = self.carry
+        carry = self.carry
         t0 = time.perf_counter()
         for _ in range(self.n):
-            params, state, value = self.step(params, state, self.x, self.y)
-        jax.block_until_ready((params, state, value))
+            *carry, value = self.step(*carry, self.x, self.y)
+        jax.block_until_ready((carry, value))
         elapsed = time.perf_counter() - t0
-        self.carry = (params, state)  # the old buffers were donated
+        self.carry = tuple(carry)  # the old buffers were donated
         return elapsed / self.n
 
     def warm_up(self, times: int = 3) -> StepSampler:
@@ -129,42 +130,46 @@ class StepSampler:
 # The two competitors of a train step
 
 
-def mlp(hidden: list[int], act: nn.Layer = nn.Relu, classes: int = 10) -> nn.Layer:
-    layers = []
-    for width in hidden:
-        layers += [nn.Dense(width), act]
-    return nn.serial(*layers, nn.Dense(classes))
+def mlp(hidden: list[int], act=nn.Relu, classes: int = 10):
+    return nn.mlp([*hidden, classes], act)
 
 
-def jax_grad_step(net: nn.Layer, loss=LOSS, opt=OPT):
-    """The step a JAX user writes: autodiff of ``loss(net.apply(...))``, then fbp's optimizer."""
+def jax_grad_step(net, loss=LOSS, opt=OPT):
+    """The step a JAX user writes: autodiff of ``loss(net.apply(...))``, then fbp's optimizer,
+    with the same signature and donation as ``train.make_step``."""
 
-    def step(params, opt_state, x, y):
-        value, grads = jax.value_and_grad(lambda p: loss.value(net.apply(p, x), y))(params)
-        params, opt_state = opt.update(grads, opt_state, params)
-        return params, opt_state, value
+    def step(params, state, opt_state, x, y):
+        def loss_and_state(p):
+            pred, new_state, _ = net.forward(p, state, x, train=True)
+            return loss.value(pred, y), new_state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+        (value, state), grads = jax.value_and_grad(loss_and_state, has_aux=True)(params)
+        params, opt_state = opt.update(grads, params, opt_state)
+        return params, state, opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def problem(hidden, batch, act=nn.Relu, seed=0):
-    """(net, params, x, y): random float32 inputs of MNIST shape, integer labels."""
+    """(net, params, state, x, y): random float32 inputs of MNIST shape, integer labels."""
     net = mlp(hidden, act)
-    _, params = net.init(jax.random.key(seed), (784,))
+    _, params, state = net.init(jax.random.key(seed), (784,))
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     x = jax.random.normal(kx, (batch, 784), jnp.float32)
     y = jax.random.randint(ky, (batch,), 0, 10)
-    return net, params, x, y
+    return net, params, state, x, y
 
 
 def copy_tree(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def step_samplers(net, params, x, y, n) -> dict[str, StepSampler]:
+def step_samplers(net, params, state, x, y, n) -> dict[str, StepSampler]:
     steps = {"fbp": train.make_step(net, LOSS, OPT), "jax.grad": jax_grad_step(net)}
     return {
-        name: StepSampler(step, copy_tree(params), OPT.init(params), x, y, n).warm_up()
+        name: StepSampler(
+            step, copy_tree(params), copy_tree(state), OPT.init(params), x, y, n
+        ).warm_up()
         for name, step in steps.items()
     }
 
@@ -211,10 +216,10 @@ STEP_NETS = [  # name, hidden widths, activation, batch
 def section_a(cfg: Config) -> tuple[list[Row], dict]:
     rows, details = [], {}
     for name, hidden, act, batch in STEP_NETS:
-        net, params, x, y = problem(hidden, batch, act)
-        samplers = step_samplers(net, params, x, y, cfg.steps)
+        net, params, state, x, y = problem(hidden, batch, act)
+        samplers = step_samplers(net, params, state, x, y, cfg.steps)
         details[name] = {
-            k: hlo_stats(sampler.step, params, OPT.init(params), x, y)
+            k: hlo_stats(sampler.step, params, state, OPT.init(params), x, y)
             for k, sampler in samplers.items()
         }
         t = interleaved(samplers, cfg.repeats)
@@ -247,14 +252,11 @@ def mnist_60k() -> tuple[np.ndarray, np.ndarray]:
 
 
 def clear_compilation_caches() -> None:
-    """Forget every compiled program: jax's caches and fbp.train's cached program builders."""
+    """Forget every compiled program (fbp's programs live in jax's own caches)."""
     jax.clear_caches()
-    for obj in vars(train).values():
-        if callable(getattr(obj, "cache_clear", None)):
-            obj.cache_clear()  # _epoch_program and friends (functools.lru_cache)
 
 
-def python_loop(step, params, X, y, *, epochs, batch_size, seed):
+def python_loop(step, params, state, X, y, *, epochs, batch_size, seed):
     """The loop a JAX user writes: a numpy permutation per epoch, batches sliced on the host,
     one jitted value_and_grad + update per batch (the last, partial batch compiles once more),
     the epoch's mean loss fetched at its end (as fit does)."""
@@ -267,8 +269,8 @@ def python_loop(step, params, X, y, *, epochs, batch_size, seed):
         values = []
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
-            params, opt_state, value = step(
-                params, opt_state, jnp.asarray(X[idx]), jnp.asarray(y[idx])
+            params, state, opt_state, value = step(
+                params, state, opt_state, jnp.asarray(X[idx]), jnp.asarray(y[idx])
             )
             values.append(value * len(idx))
         history.append(float(jnp.sum(jnp.stack(values))) / n)
@@ -280,7 +282,7 @@ def section_b(cfg: Config) -> tuple[list[Row], dict]:
     epochs, batch = 4, 128
     X, y = mnist_60k()
     net = mlp([128])
-    _, params = net.init(jax.random.key(0), (784,))
+    _, params, state = net.init(jax.random.key(0), (784,))
     key = jax.random.key(1)
     warm_step = jax_grad_step(net)  # reused by the "compiled" rows
 
@@ -289,8 +291,8 @@ def section_b(cfg: Config) -> tuple[list[Row], dict]:
             clear_compilation_caches()
         p = copy_tree(params)
         t0 = time.perf_counter()
-        out, _, _ = train.fit(
-            net, LOSS, OPT, p, (X, y), epochs=epochs, batch_size=batch, key=key, verbose=0
+        out, *_ = train.fit(
+            net, LOSS, OPT, p, state, (X, y), epochs=epochs, batch_size=batch, key=key, verbose=0
         )
         jax.block_until_ready(out)
         return time.perf_counter() - t0
@@ -301,7 +303,7 @@ def section_b(cfg: Config) -> tuple[list[Row], dict]:
         p = copy_tree(params)
         t0 = time.perf_counter()
         step = jax_grad_step(net) if fresh else warm_step
-        python_loop(step, p, X, y, epochs=epochs, batch_size=batch, seed=0)
+        python_loop(step, p, state, X, y, epochs=epochs, batch_size=batch, seed=0)
         return time.perf_counter() - t0
 
     rows, details = [], {}
@@ -351,8 +353,8 @@ def gemm_bound(x, w1, w2, w3, dy):
 
 def section_c(cfg: Config) -> tuple[list[Row], dict]:
     name, hidden, act, batch = STEP_NETS[2]
-    net, params, x, y = problem(hidden, batch, act)
-    samplers = step_samplers(net, params, x, y, cfg.steps)
+    net, params, state, x, y = problem(hidden, batch, act)
+    samplers = step_samplers(net, params, state, x, y, cfg.steps)
     del samplers["jax.grad"]
     ws = [params[i]["w"] for i in (0, 2, 4)]
     dy = jax.random.normal(jax.random.key(3), (batch, 10), jnp.float32)
@@ -398,24 +400,25 @@ def section_d(cfg: Config) -> tuple[list[Row], dict]:
     grads = {f"w{i}": 1e-3 * jax.random.normal(keys[-1 - i], s) for i, s in enumerate(ADAM_SHAPES)}
     n = sum(int(np.prod(s)) for s in ADAM_SHAPES)
 
-    # jit matches donated inputs to outputs in order, so the first variant takes (params, state)
-    # in the order update returns them. The second is the obvious jit(OPT.update, ...), whose
-    # donated mu buffers get aliased to the new params (and so on): XLA adds a copy per leaf.
+    # jit matches donated inputs to outputs in order; update takes (grads, params, state) and
+    # returns (params, state), so the obvious jit(OPT.update, donate_argnums=(1, 2)) pairs each
+    # donated buffer with its own new value. The second variant is a wrapper that puts the
+    # donated arguments first, for comparison: the two should take the same time.
+    obvious = jax.jit(OPT.update, donate_argnums=(1, 2))
+
+    def update_obvious(params, state, grads):
+        return obvious(grads, params, state)
+
     def update_in_place(params, state, grads):
-        return OPT.update(grads, state, params)
-
-    naive = jax.jit(OPT.update, donate_argnums=(1, 2))
-
-    def update_naive(params, state, grads):
-        return naive(grads, state, params)
+        return OPT.update(grads, params, state)
 
     variants = {
-        "adam update": jax.jit(update_in_place, donate_argnums=(0, 1)),
-        "adam update via jit(opt.update, donate_argnums=(1, 2))": update_naive,
+        "adam update via jit(opt.update, donate_argnums=(1, 2))": update_obvious,
+        "adam update, wrapper donating (params, state)": jax.jit(
+            update_in_place, donate_argnums=(0, 1)
+        ),
     }
-    xla_bytes = bytes_accessed(
-        variants["adam update"].lower(params, OPT.init(params), grads).compile()
-    )
+    xla_bytes = bytes_accessed(obvious.lower(grads, params, OPT.init(params)).compile())
 
     def adam_sampler(fn):
         carry = [copy_tree(params), OPT.init(params)]
@@ -507,10 +510,10 @@ def memory_child(which: str, steps: int) -> None:
     inherits its parent's, so here it mostly measures the parent benchmark.
     """
     hidden, batch = MEMORY_NET
-    net, params, x, y = problem(hidden, batch)
+    net, params, net_state, x, y = problem(hidden, batch)
     step = train.make_step(net, LOSS, OPT) if which == "fbp" else jax_grad_step(net)
     state = OPT.init(params)
-    compiled = step.lower(params, state, x, y).compile()
+    compiled = step.lower(params, net_state, state, x, y).compile()
     stats = compiled.memory_analysis()
     xla = {
         k: getattr(stats, k, None)
@@ -531,7 +534,7 @@ def memory_child(which: str, steps: int) -> None:
         reset = False
     rss_before = _vm_hwm_kib()
     for _ in range(steps):
-        params, state, value = compiled(params, state, x, y)
+        params, net_state, state, value = compiled(params, net_state, state, x, y)
         jax.block_until_ready((params, state, value))
     result = {
         "which": which,

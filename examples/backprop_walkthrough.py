@@ -78,7 +78,8 @@ for name in hand:
 print("4. the same network in fbp: value_and_grad runs forward, loss gradient, backward")
 net = nn.serial(nn.Dense(H), nn.Tanh if args.activation == "tanh" else nn.Sigmoid, nn.Dense(K))
 fbp_params = ({"w": p["W1"], "b": p["b1"]}, (), {"w": p["W2"], "b": p["b2"]})
-L_fbp, g = fbp.value_and_grad(net, losses.mse)(fbp_params, x, y)  # g has fbp_params' tree
+state = ((), (), ())  # no layer here keeps state
+(L_fbp, _), g = fbp.value_and_grad(net, losses.mse)(fbp_params, state, x, y)  # like fbp_params
 fbp_grads = {"W1": g[0]["w"], "b1": g[0]["b"], "W2": g[2]["w"], "b2": g[2]["b"]}
 diff = max(float(jnp.max(jnp.abs(fbp_grads[k] - hand[k]))) for k in hand)
 print(f"   fbp loss {L_fbp:.6f} (by hand {L:.6f}), max |fbp grad - hand grad| {diff:.1e}")
@@ -90,7 +91,7 @@ print("   four more steps with fbp: value_and_grad, then the same update on its 
 fbp_params = ({"w": p_new["W1"], "b": p_new["b1"]}, (), {"w": p_new["W2"], "b": p_new["b2"]})
 vg = fbp.value_and_grad(net, losses.mse)
 for step in range(2, 6):
-    fbp_params = jax.tree.map(lambda w, dw: w - lr * dw, fbp_params, vg(fbp_params, x, y)[1])
-    print(f"   after step {step}: loss {vg(fbp_params, x, y)[0]:.6f}")
-final = vg(fbp_params, x, y)[0]
+    fbp_params = jax.tree.map(lambda w, dw: w - lr * dw, fbp_params, vg(fbp_params, state, x, y)[1])
+    print(f"   after step {step}: loss {vg(fbp_params, state, x, y)[0][0]:.6f}")
+final = vg(fbp_params, state, x, y)[0][0]
 print(f"   the loss went down from {L:.6f} to {final:.6f}: {bool(final < L)}")

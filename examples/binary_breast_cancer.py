@@ -35,12 +35,13 @@ print(f"train: {len(y_train)} ({y_train.mean():.0%} benign), test: {len(y_test)}
 
 net = nn.serial(nn.Dense(16), nn.Relu, nn.Dense(1))  # one logit per example
 loss = losses.sigmoid_binary_cross_entropy
-_, params = net.init(jax.random.key(args.seed), (30,))
-params, _, history = train.fit(
+_, params, state = net.init(jax.random.key(args.seed), (30,))
+params, state, _, history = train.fit(
     net,
     loss,
     optim.adam(1e-3),
     params,
+    state,
     (X_train, t_train),
     epochs=5 if args.fast else 50,
     batch_size=32,
@@ -52,10 +53,11 @@ print(
     f"train loss {history['loss'][0]:.4f} -> {history['loss'][-1]:.4f} after {len(history['loss'])} epochs"
 )
 
-result = train.evaluate(net, loss, params, (X_test, t_test), metrics=["accuracy"])
+result = train.evaluate(net, loss, params, state, (X_test, t_test), metrics=["accuracy"])
 print(f"test loss: {result['loss']:.4f} - test accuracy: {result['accuracy']:.4f}")
 
-prob = np.asarray(nn.Sigmoid.apply((), train.predict(net, params, X_test)))[:, 0]  # P(benign)
+logits = train.predict(net, params, state, X_test)  # (N, 1)
+prob = np.asarray(nn.Sigmoid.apply((), (), logits))[:, 0]  # P(benign)
 pred = (prob > 0.5).astype(np.int32)
 print("confusion matrix (rows: true, columns: predicted)")
 print("              malignant  benign")

@@ -3,7 +3,8 @@
 Every layer and loss in fbp computes its gradient by hand. ``fbp.check`` compares them, in
 float64, with two references that share no code with them:
 
-* ``jax.grad`` of the plain forward computation (``loss.value(net.apply(params, x), y)``);
+* ``jax.grad`` of the plain forward computation (``loss.value(net.apply(params, state, x),
+  y)``), which shares the forward but not the backward pass;
 * central finite differences ``(L(p + h v) - L(p - h v)) / 2h`` along random directions ``v``.
 
 What it teaches: how to read the report (one row per parameter array, plus ``dL/dx``; relative
@@ -34,10 +35,10 @@ k_init, k_x, k_y, k_drop, k_layer = jax.random.split(jax.random.key(args.seed), 
 net = nn.serial(
     nn.Dense(16), nn.LayerNorm(), nn.Gelu, nn.Dropout(0.2), nn.Dense(8), nn.Tanh, nn.Dense(3)
 )
-_, params = net.init(k_init, (5,))
+_, params, state = net.init(k_init, (5,))
 x = jax.random.normal(k_x, (4, 5))  # (batch, features)
 y = jax.random.randint(k_y, (4,), 0, 3)  # integer class labels
-report = check.check_grads(net, losses.softmax_cross_entropy, params, x, y, key=k_drop)
+report = check.check_grads(net, losses.softmax_cross_entropy, params, state, x, y, key=k_drop)
 print(report)
 print(f"network ok: {report.ok}\n")
 
@@ -48,9 +49,9 @@ print(f"LayerNorm ok: {layer_report.ok}\n")
 
 
 # 3. A layer with a wrong derivative: d tanh(x)/dx is 1 - y**2, not 1 - y.
-def _tanh_forward(params, x, *, key=None):
+def _tanh_forward(params, state, x, *, key=None, train=False, mask=None):
     y = jnp.tanh(x)
-    return y, y  # cache the output, which is all the derivative needs
+    return y, state, y  # cache the output, which is all the derivative needs
 
 
 def _buggy_backward(params, y, dy):
@@ -58,8 +59,7 @@ def _buggy_backward(params, y, dy):
 
 
 buggy_tanh = Layer(
-    init=lambda key, shape: (tuple(shape), ()),
-    apply=lambda params, x, *, key=None: jnp.tanh(x),
+    init=lambda key, shape: (tuple(shape), (), ()),  # output shape, no params, no state
     forward=_tanh_forward,
     backward=_buggy_backward,
     name="BuggyTanh",

@@ -13,8 +13,9 @@ The Keras original, line by line beside its fbp translation below:
 
 What it teaches:
 
-* a network is a value: ``nn.serial(...)`` gives ``init`` and ``apply`` functions, and the
-  params are a plain tuple of dicts that you hold and pass around (no hidden state);
+* a network is a value: ``nn.serial(...)`` gives ``init``, ``forward`` and ``backward``
+  functions, and the params (and the state, empty here) are plain tuples of dicts that you hold
+  and pass around (no hidden state);
 * activations are layers of their own (``nn.Relu``), not a keyword of ``Dense``;
 * the final softmax moves into the loss: ``softmax_cross_entropy`` takes logits, which is
   stable and makes its hand-written gradient simply ``(softmax(logits) - one_hot) / batch``;
@@ -44,31 +45,32 @@ X_train, X_test, y_train, y_test = datasets.train_test_split(X, y, seed=args.see
 
 # keras.Sequential([Dense(64, activation="relu"), Dense(10, activation="softmax")])
 model = nn.serial(nn.Dense(64), nn.Relu, nn.Dense(10))  # outputs logits; softmax is in the loss
-_, params = model.init(jax.random.key(args.seed), (64,))  # Keras builds on the first batch
+_, params, state = model.init(jax.random.key(args.seed), (64,))  # Keras: on the first batch
 
 # model.compile(optimizer=Adam(), loss="categorical_crossentropy", metrics=["accuracy"])
 loss = losses.softmax_cross_entropy
 optimizer = optim.adam(1e-3, eps=1e-7, eps_hat=True)  # Keras's Adam, exactly
 
 # model.fit(X_train, y_train, epochs=30, batch_size=32)
-params, opt_state, history = train.fit(
+params, state, opt_state, history = train.fit(
     model,
     loss,
     optimizer,
     params,
+    state,
     (X_train, y_train),
     epochs=3 if args.fast else 30,
     batch_size=32,
-    key=jax.random.key(args.seed + 1),  # shuffling
+    key=jax.random.key(args.seed + 1),  # shuffling (and Dropout, if there were any)
     metrics=["accuracy"],
     verbose=1,
 )
 
 # model.evaluate(X_test, y_test)
-result = train.evaluate(model, loss, params, (X_test, y_test), metrics=["accuracy"])
+result = train.evaluate(model, loss, params, state, (X_test, y_test), metrics=["accuracy"])
 print(f"test loss: {result['loss']:.4f} - test accuracy: {result['accuracy']:.4f}")
 
 # model.predict(X_test[:5]) would give softmax probabilities; here the softmax is explicit.
-probs = nn.Softmax.apply((), train.predict(model, params, X_test[:5]))  # (5, 10)
+probs = nn.Softmax.apply((), (), train.predict(model, params, state, X_test[:5]))  # (5, 10)
 for p, label in zip(np.asarray(probs), y_test[:5]):
     print(f"label {label}: predicted {p.argmax()} with probability {p.max():.3f}")

@@ -4,7 +4,7 @@ An MLP on the digits data set is trained four times from the SAME initial params
 shuffling key, so only the update rule differs. What it teaches:
 
 * an optimizer is a pair of pure functions, ``init(params) -> state`` and
-  ``update(grads, state, params) -> (params, state)``; swapping it changes nothing else;
+  ``update(grads, params, opt_state) -> (params, opt_state)``; swapping it changes nothing else;
 * the state is a NamedTuple you can inspect (``SgdState``, ``RmspropState``, ``AdamState``);
 * momentum's effective step is about ``lr / (1 - momentum)``, so SGD with momentum 0.9 and
   lr 0.01 takes steps about as long as plain SGD with lr 0.1, but smoother ones;
@@ -31,7 +31,7 @@ X, y = datasets.load_digits(scale=True)
 X_train, X_test, y_train, y_test = datasets.train_test_split(X, y, seed=args.seed, stratify=y)
 net = nn.serial(nn.Dense(64), nn.Relu, nn.Dense(10))
 loss = losses.softmax_cross_entropy
-_, init_params = net.init(jax.random.key(args.seed), (64,))  # shared by every run
+_, init_params, init_state = net.init(jax.random.key(args.seed), (64,))  # shared by every run
 
 OPTIMIZERS = {
     "sgd(0.1)": optim.sgd(0.1),
@@ -43,11 +43,12 @@ epochs = 3 if args.fast else 20
 curves = {}
 print(f"{'optimizer':<24} {'train loss':>10} {'test loss':>10} {'test accuracy':>14}  state")
 for name, opt in OPTIMIZERS.items():
-    params, state, history = train.fit(
+    params, state, opt_state, history = train.fit(
         net,
         loss,
         opt,
         init_params,  # fit does not modify it: every run starts from the same weights
+        init_state,
         (X_train, y_train),
         epochs=epochs,
         batch_size=32,
@@ -55,10 +56,10 @@ for name, opt in OPTIMIZERS.items():
         verbose=0,
     )
     curves[name] = history["loss"]
-    test = train.evaluate(net, loss, params, (X_test, y_test), metrics=["accuracy"])
+    test = train.evaluate(net, loss, params, state, (X_test, y_test), metrics=["accuracy"])
     print(
         f"{name:<24} {history['loss'][-1]:>10.4f} {test['loss']:>10.4f} "
-        f"{test['accuracy']:>14.4f}  {type(state).__name__}{state._fields}"
+        f"{test['accuracy']:>14.4f}  {type(opt_state).__name__}{opt_state._fields}"
     )
 
 try:

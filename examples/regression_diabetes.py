@@ -34,12 +34,13 @@ t_train = ((y_train - y_mean) / y_std)[:, None]  # (N, 1), like the prediction
 t_test = ((y_test - y_mean) / y_std)[:, None]
 
 net = nn.serial(nn.Dense(32), nn.Tanh, nn.Dense(1))
-_, params = net.init(jax.random.key(args.seed), (10,))
-params, _, history = train.fit(
+_, params, state = net.init(jax.random.key(args.seed), (10,))
+params, state, _, history = train.fit(
     net,
     losses.mse,
     optim.sgd(0.01),
     params,
+    state,
     (X_train, t_train),
     epochs=10 if args.fast else 200,
     batch_size=32,
@@ -52,7 +53,7 @@ for e in [*range(0, n - 1, max(n // 5, 1)), n - 1]:
     train_mse, test_mse = history["loss"][e], history["val_loss"][e]
     print(f"epoch {e + 1:4d}: train mse {train_mse:.4f}, test mse {test_mse:.4f} (standardized)")
 
-pred = np.asarray(train.predict(net, params, X_test))[:, 0] * y_std + y_mean  # original units
+pred = np.asarray(train.predict(net, params, state, X_test))[:, 0] * y_std + y_mean  # in units
 mse = float(np.mean((pred - y_test) ** 2))
 mae = float(np.mean(np.abs(pred - y_test)))
 base_mse = float(np.mean((y_mean - y_test) ** 2))

@@ -1,27 +1,17 @@
 """The command line: ``python -m fbp train`` and ``python -m fbp check``.
 
     main(argv=None) -> exit status        argv as sys.argv[1:]; prints to stdout
-    load_checkpoint(path) -> (net, ckpt)  reads what ``train --output PATH`` wrote
 
-``train`` fits an MLP (``Dense, activation, ..., Dense``) on a bundled data set, with the loss,
-preprocessing and metrics the data set calls for, and reports the test-split numbers.
-``check`` builds an MLP on random data and prints :func:`fbp.check.check_grads`'s table; it
-exits 1 when a hand-written gradient disagrees with JAX's autodiff or finite differences.
-
-A checkpoint is one :mod:`fbp.io` file holding a dict::
-
-    params       the network's params (a tuple with one entry per layer)
-    opt_state    the optimizer state (a NamedTuple), to resume training
-    config       uint8 array of UTF-8 JSON: the command-line settings, data set, input shape,
-                 outputs, loss and test metrics; json.loads(bytes(ckpt["config"]))
-    preprocess   {"x_shift", "x_scale"} (features,) float64: the model sees (X - shift) / scale,
-                 plus for regression "y_shift", "y_scale" (): the target is pred * scale + shift
+``train`` fits an MLP (:func:`fbp.nn.mlp`) on a bundled data set, with the loss, preprocessing
+and metrics the data set calls for, prints the network's summary, and reports the test-split
+numbers; ``--output PATH`` writes a :mod:`fbp.checkpoint`. ``check`` builds an MLP on random
+data and prints :func:`fbp.check.check_grads`'s table; it exits 1 when a hand-written gradient
+disagrees with JAX's autodiff or finite differences.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -30,19 +20,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fbp import check, datasets, io, losses, nn, optim, train
-from fbp.core import Layer, Loss, Optimizer
+from fbp import check, checkpoint, datasets, losses, nn, optim, train
+from fbp.core import Loss, Optimizer
 
-ACTIVATIONS: dict[str, Callable[[], Layer]] = {
-    "relu": lambda: nn.Relu,
-    "tanh": lambda: nn.Tanh,
-    "gelu": lambda: nn.Gelu,
-    "silu": lambda: nn.Silu,
-    "elu": lambda: nn.Elu(),
-    "sigmoid": lambda: nn.Sigmoid,
-    "leaky_relu": lambda: nn.LeakyRelu(),
-    "softplus": lambda: nn.Softplus,
-}
+ACTIVATIONS = nn.ACTIVATIONS
 
 # name -> (constructor from the learning rate, default learning rate)
 OPTIMIZERS: dict[str, tuple[Callable[[float], Optimizer], float]] = {
@@ -56,6 +37,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], Optimizer], float]] = {
 LOSSES: dict[str, Loss] = {
     "softmax_cross_entropy": losses.softmax_cross_entropy,
     "mse": losses.mse,
+    "mae": losses.mae,
     "huber": losses.huber(1.0),
     "sigmoid_binary_cross_entropy": losses.sigmoid_binary_cross_entropy,
 }
@@ -126,26 +108,6 @@ def _test_size(text: str) -> float | int:
     raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {text!r}")
 
 
-def build_mlp(
-    hidden: Sequence[int],
-    activation: str,
-    outputs: int,
-    *,
-    layernorm: bool = False,
-    dropout: float = 0.0,
-) -> Layer:
-    """``Dense(h1), [LayerNorm], act, [Dropout], ..., Dense(outputs)``: outputs are logits."""
-    layers = []
-    for width in hidden:
-        layers.append(nn.Dense(width))
-        if layernorm:
-            layers.append(nn.LayerNorm())
-        layers.append(ACTIVATIONS[activation]())
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-    return nn.serial(*layers, nn.Dense(outputs))
-
-
 def _count(params) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
 
@@ -196,15 +158,15 @@ def _prepare(spec: DataSpec, test_size, seed: int) -> dict:
     }
 
 
-def _test_report(net, params, data, task: str) -> tuple[dict, str]:
+def _test_report(net, params, state, data, task: str) -> tuple[dict, str]:
     """Test metrics (a dict of floats) and the line that shows them."""
     X_te, y_te = data["test"]
-    result = train.evaluate(net, data["loss"], params, (X_te, y_te), metrics=data["metrics"])
+    result = train.evaluate(net, data["loss"], params, state, (X_te, y_te), metrics=data["metrics"])
     if task != "regression":
         result = {"loss": result["loss"], "accuracy": result["accuracy"]}
         return result, f"test loss: {result['loss']:.4f} - test accuracy: {result['accuracy']:.4f}"
     pre = data["preprocess"]
-    pred = np.asarray(train.predict(net, params, X_te), np.float64)[:, 0]  # (N,) standardized
+    pred = np.asarray(train.predict(net, params, state, X_te), np.float64)[:, 0]  # (N,)
     err = pred * pre["y_scale"] + pre["y_shift"] - data["y_test_raw"]  # (N,) original units
     result = {
         "loss": result["loss"],
@@ -225,20 +187,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     make_opt, default_lr = OPTIMIZERS[args.optimizer]
     lr = default_lr if args.lr is None else args.lr
     opt = make_opt(lr)
-    net = build_mlp(args.hidden, args.activation, data["outputs"])
+    config = {
+        "model": "mlp",
+        "hidden": list(args.hidden),
+        "activation": args.activation,
+        "input_shape": list(X_tr.shape[1:]),
+        "outputs": data["outputs"],
+    }
+    net = checkpoint.network(config)
     k_init, k_fit = jax.random.split(jax.random.key(args.seed))
-    _, params = net.init(k_init, X_tr.shape[1:])
+    _, params, state = net.init(k_init, X_tr.shape[1:])
     if not args.quiet:
         print(f"data: {args.data} ({spec.summary}): {len(X_tr)} train, {len(data['test'][0])} test")
         print(f"model: {net.name}, {_count(params):,} params")
+        print(nn.summary(net, X_tr.shape[1:]))
         print(f"loss: {data['loss'].name}, optimizer: {args.optimizer}(lr={lr:g})")
         if spec.task == "regression":
             print("(training losses are on the standardized target)")
-    params, opt_state, history = train.fit(
+    params, state, opt_state, history = train.fit(
         net,
         data["loss"],
         opt,
         params,
+        state,
         (X_tr, y_tr),
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -246,52 +217,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics=data["metrics"],
         verbose=0 if args.quiet else 1,
     )
-    result, line = _test_report(net, params, data, spec.task)
+    result, line = _test_report(net, params, state, data, spec.task)
     print(line)
     if args.output:
-        config = {
-            "format": "fbp.cli checkpoint",
-            "version": 1,
-            "data": args.data,
-            "hidden": list(args.hidden),
-            "activation": args.activation,
-            "optimizer": args.optimizer,
-            "lr": lr,
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "test_size": args.test_size,
-            "seed": args.seed,
-            "input_shape": list(X_tr.shape[1:]),
-            "outputs": data["outputs"],
-            "task": spec.task,
-            "loss": data["loss"].name,
-            "epochs_run": len(history.get("loss", [])),
-            "test": result,
-        }
-        encoded = np.frombuffer(json.dumps(config).encode("utf-8"), dtype=np.uint8)
-        tree = {
-            "params": params,
-            "opt_state": opt_state,
-            "config": encoded,
-            "preprocess": data["preprocess"],
-        }
-        io.save(args.output, tree)
+        config.update(
+            data=args.data,
+            optimizer=args.optimizer,
+            lr=lr,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            test_size=args.test_size,
+            seed=args.seed,
+            task=spec.task,
+            loss=data["loss"].name,
+            epochs_run=len(history.get("loss", [])),
+            test=result,
+        )
+        ckpt = checkpoint.Checkpoint(config, params, state, opt_state, data["preprocess"])
+        checkpoint.save(args.output, ckpt)
         print(f"saved checkpoint to {args.output}")
     return 0
-
-
-def load_checkpoint(path: str) -> tuple[Layer, dict]:
-    """Read a ``train --output`` checkpoint: ``(net, ckpt)``, with ``ckpt["config"]`` a dict.
-
-    ``net.apply(ckpt["params"], ((X - p["x_shift"]) / p["x_scale"]).astype(np.float32))``, with
-    ``p = ckpt["preprocess"]``, predicts from raw features ``X``.
-    """
-    ckpt = io.load(path)
-    config = json.loads(bytes(ckpt["config"]).decode("utf-8"))
-    if config.get("format") != "fbp.cli checkpoint":
-        raise ValueError(f"{path}: not a checkpoint written by `python -m fbp train --output`")
-    net = build_mlp(config["hidden"], config["activation"], config["outputs"])
-    return net, {**ckpt, "config": config}
 
 
 # ------------------------------------------------------------------------------ check
@@ -299,11 +244,10 @@ def load_checkpoint(path: str) -> tuple[Layer, dict]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     loss = LOSSES[args.loss]
-    net = build_mlp(
-        args.hidden, args.activation, args.outputs, layernorm=args.layernorm, dropout=args.dropout
-    )
+    norm = "batch" if args.batchnorm else "layer" if args.layernorm else None
+    net = nn.mlp([*args.hidden, args.outputs], args.activation, norm=norm, dropout=args.dropout)
     k_init, k_x, k_y, k_drop = jax.random.split(jax.random.key(args.seed), 4)
-    _, params = net.init(k_init, (args.inputs,))
+    _, params, state = net.init(k_init, (args.inputs,))
     x = jax.random.normal(k_x, (args.batch, args.inputs))
     if args.loss == "softmax_cross_entropy":  # integer labels
         y = jax.random.randint(k_y, (args.batch,), 0, args.outputs)
@@ -311,8 +255,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         y = jax.random.bernoulli(k_y, 0.5, (args.batch, args.outputs)).astype(x.dtype)
     else:
         y = jax.random.normal(k_y, (args.batch, args.outputs))
-    key = k_drop if args.dropout else None  # a fixed Dropout mask, the same for all references
-    report = check.check_grads(net, loss, params, x, y, key=key, seed=args.seed)
+    # A fixed Dropout mask, the same for all references; train mode (BatchNorm's batch statistics).
+    report = check.check_grads(net, loss, params, state, x, y, key=k_drop, seed=args.seed)
     print(report)
     return 0 if report.ok else 1
 
@@ -331,11 +275,10 @@ per data set:
 default learning rates: sgd 0.1, momentum 0.01 (SGD with momentum 0.9), rmsprop, adam and
 adamw 1e-3.
 
-checkpoint (--output PATH): one fbp.io file with a dict {params, opt_state, config,
-preprocess}; config is a uint8 array of UTF-8 JSON (these settings, the input shape, the
-loss and the test metrics): json.loads(bytes(fbp.io.load(PATH)["config"])).
-fbp.cli.load_checkpoint(PATH) returns (net, ckpt) with the network rebuilt and config decoded;
-the network sees (X - preprocess["x_shift"]) / preprocess["x_scale"].
+checkpoint (--output PATH): an fbp.checkpoint file {config, params, state, opt_state,
+preprocess}; fbp.checkpoint.load(PATH) returns (net, ckpt) with the network rebuilt from the
+config (these settings, the input shape, the loss and the test metrics) and the params checked
+against it; the network sees (X - ckpt.preprocess["x_shift"]) / ckpt.preprocess["x_scale"].
 
 examples:
   python -m fbp train                                   # digits, 128 relu, adam, 30 epochs
@@ -345,17 +288,20 @@ examples:
 """
 
 _CHECK_EPILOG = """\
-The network is Dense(h), [LayerNorm], activation, [Dropout], ..., Dense(outputs) on random
-float inputs of shape (batch, inputs); targets fit the loss (integer labels for softmax
-cross-entropy, 0/1 floats for sigmoid BCE, normal floats otherwise). With --dropout a fixed
-key gives one Dropout mask shared by all three computations. Everything runs in float64.
-Columns: max abs err and max rel err against JAX's autodiff (normwise), fd rel err against central
-finite differences along random directions. Exit status 0 when all rows are ok, 1 otherwise.
+The network is Dense(h), [LayerNorm or BatchNorm], activation, [Dropout], ..., Dense(outputs)
+on random float inputs of shape (batch, inputs), in training mode (BatchNorm uses the batch's
+statistics); targets fit the loss (integer labels for softmax cross-entropy, 0/1 floats for
+sigmoid BCE, normal floats otherwise). A fixed key gives one Dropout mask shared by all three
+computations. Everything runs in float64. Columns: max abs err against JAX's autodiff, rel err
+(that error scaled as fbp.check's docstring says), fd err against central finite differences
+along random directions ("kink" where every direction crossed one). Exit status 0 when all
+rows are ok, 1 otherwise.
 
 examples:
   python -m fbp check
   python -m fbp check --hidden 32,16 --activation gelu --loss mse --layernorm
   python -m fbp check --activation elu --loss sigmoid_binary_cross_entropy --dropout 0.3
+  python -m fbp check --batchnorm --loss huber
 """
 
 
@@ -434,6 +380,7 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=_positive(int), default=8, help="batch size (default: 8)")
     c.add_argument("--seed", type=int, default=0, help="default: 0")
     c.add_argument("--layernorm", action="store_true", help="LayerNorm after each hidden Dense")
+    c.add_argument("--batchnorm", action="store_true", help="BatchNorm after each hidden Dense")
     c.add_argument(
         "--dropout",
         type=float,

@@ -1,30 +1,39 @@
 """The three contracts of fbp: ``Layer``, ``Loss`` and ``Optimizer``.
 
-Layer(init, apply, forward, backward, name, layers)
-    init(key, input_shape)          -> (output_shape, params)   shapes exclude the batch axis
-    apply(params, x, *, key=None)   -> y                         x has a leading batch axis
-    forward(params, x, *, key=None) -> (y, cache)                cache: only what backward needs
-    backward(params, cache, dy)     -> (dparams, dx)             dparams has params' tree structure
-    Invariant: forward(p, x, key=k)[0] == apply(p, x, key=k). ``key`` is a PRNG key for
-    stochastic layers (Dropout); ``key=None`` means deterministic evaluation, and every layer
-    accepts (and deterministic layers ignore) the keyword. ``layers`` lists a combinator's children.
+Layer(init, forward, backward, name, layers, child_shapes)
+    init(key, input_shape)                            -> (output_shape, params, state)
+    forward(params, state, x, *, key, train, mask)    -> (y, new_state, cache)
+    backward(params, cache, dy)                       -> (dparams, dx)
+    apply(params, state, x, *, key, train, mask)      -> y      a method: forward(...)[0]
+  Shapes exclude the batch axis; x has one. ``state`` holds non-trainable arrays (BatchNorm's
+  running statistics), ``()`` for most layers: no gradient is computed for it and no optimizer
+  sees it. ``train`` (default False) is the mode, independent of ``key`` (a PRNG key for
+  Dropout). With ``train=False``, ``new_state is state``. ``mask`` (default None) is a boolean
+  array over x's leading axes, ``(batch,)`` or ``(batch, time)``, False on padding: layers that
+  mix positions (BatchNorm's statistics, recurrences, attention) leave padding out, the others
+  ignore it. ``cache`` holds only what backward needs; ``dparams`` has params' tree. Integer
+  inputs (token ids) have no gradient: their ``dx`` is ``None``.
 Loss(value, value_and_grad, name)
-    loss(pred, target) == value(pred, target) -> scalar, the mean over the batch (plain JAX)
-    value_and_grad(pred, target) -> (scalar, dloss/dpred)        hand-written, dpred.shape == pred.shape
+    value(pred, target, mask=None)          -> scalar    plain JAX: the autodiff reference
+    value_and_grad(pred, target, mask=None) -> (scalar, dpred)   hand-written, dpred like pred
+  The mean over examples (and positions); ``mask`` over pred's leading axes drops padding.
 Optimizer(init, update)
-    init(params) -> state                                        a NamedTuple with a ``count`` field
-    update(grads, state, params) -> (new_params, new_state)      pure; same tree/shapes/dtypes each step
+    init(params)                  -> opt_state                 a NamedTuple with a ``count``
+    update(grads, params, opt_state) -> (params, opt_state)    pure; same trees, shapes, dtypes
+  Arguments and results in the same order, so ``jax.jit(opt.update, donate_argnums=(1, 2))``
+  updates in place.
 
-Params and states are plain pytrees (dicts, tuples, NamedTuples of arrays), so ``jit``, ``scan``,
-``vmap``, sharding and :mod:`fbp.io` checkpoints work on them unchanged.
+Params, states and caches are plain pytrees (dicts, tuples, NamedTuples of arrays), so ``jit``,
+``scan``, ``vmap``, sharding and :mod:`fbp.io` checkpoints work on them unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -32,14 +41,31 @@ Shape = tuple[int, ...]
 
 
 class Layer(NamedTuple):
-    """A layer: four pure functions (see the module docstring), a display name and its children."""
+    """A layer: three pure functions (see the module docstring), a name and its children.
 
-    init: Callable[..., tuple[Shape, PyTree]]
-    apply: Callable[..., Array]
-    forward: Callable[..., tuple[Array, PyTree]]
-    backward: Callable[[PyTree, PyTree, Array], tuple[PyTree, Array]]
+    ``layers`` lists a combinator's children and ``child_shapes(input_shape)`` the input shape
+    each child sees (used by :func:`fbp.nn.summary`); both are empty for a plain layer.
+    """
+
+    init: Callable[..., tuple[Any, PyTree, PyTree]]
+    forward: Callable[..., tuple[Any, PyTree, PyTree]]
+    backward: Callable[[PyTree, PyTree, Any], tuple[PyTree, Any]]
     name: str = "Layer"
     layers: tuple[Layer, ...] = ()
+    child_shapes: Callable[[Any], Sequence[Any]] | None = None
+
+    def apply(
+        self,
+        params: PyTree,
+        state: PyTree,
+        x: Any,
+        *,
+        key: jax.Array | None = None,
+        train: bool = False,
+        mask: Array | None = None,
+    ) -> Any:
+        """The output alone, ``forward(...)[0]``: the one forward computation of every layer."""
+        return self.forward(params, state, x, key=key, train=train, mask=mask)[0]
 
     def __repr__(self) -> str:
         return self.name
@@ -48,30 +74,77 @@ class Layer(NamedTuple):
 class Loss(NamedTuple):
     """A loss: ``value`` in plain JAX (the autodiff reference) and its hand-written gradient."""
 
-    value: Callable[[Array, Array], Array]
-    value_and_grad: Callable[[Array, Array], tuple[Array, Array]]
+    value: Callable[..., Array]
+    value_and_grad: Callable[..., tuple[Array, Array]]
     name: str = "loss"
 
-    def __call__(self, pred: Array, target: Array) -> Array:
-        return self.value(pred, target)
+    def __call__(self, pred: Array, target: Array, mask: Array | None = None) -> Array:
+        return self.value(pred, target, mask)
 
-    def grad(self, pred: Array, target: Array) -> Array:
+    def grad(self, pred: Array, target: Array, mask: Array | None = None) -> Array:
         """dloss/dpred, hand-written; same shape and dtype as ``pred``."""
-        return self.value_and_grad(pred, target)[1]
+        return self.value_and_grad(pred, target, mask)[1]
 
     def __repr__(self) -> str:
         return self.name
 
 
 class Optimizer(NamedTuple):
-    """An optimizer: ``init(params) -> state``, ``update(grads, state, params) -> (params, state)``."""
+    """An optimizer: ``init(params) -> state``, ``update(grads, params, state) -> (params, state)``."""
 
     init: Callable[[PyTree], PyTree]
     update: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
+    name: str = "optimizer"
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-class ShapeError(ValueError):
-    """A shape that does not fit: raised at trace time, naming the place and both shapes."""
+class LayerError(ValueError):
+    """An input, params or state that does not fit a layer; raised at trace time.
+
+    The message names the layer, its index path inside combinators (``layer 2.0`` is child 0
+    of child 2), the leaf path for params and state (``params[2][0]['w']``), what was expected,
+    what was given, and how to fix the call. Combinators add their index with :meth:`within`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        layer: str | None = None,
+        what: str | None = None,
+        leaf: str = "",
+        path: tuple[int, ...] = (),
+    ):
+        self.message, self.layer, self.what, self.leaf, self.path = message, layer, what, leaf, path
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        dotted = ".".join(str(i) for i in self.path)
+        where = f"layer {dotted} ({self.layer})" if self.path else (self.layer or "")
+        subject = ""
+        if self.what is not None:
+            subject = self.what + "".join(f"[{i}]" for i in self.path) + self.leaf + " "
+        return f"{where}: {subject}{self.message}" if where else subject + self.message
+
+    def within(self, index: int, child_name: str) -> LayerError:
+        """The same error seen from a combinator whose child ``index`` raised it."""
+        return type(self)(
+            self.message,
+            layer=self.layer or child_name,
+            what=self.what,
+            leaf=self.leaf,
+            path=(index, *self.path),
+        )
+
+
+class ShapeError(LayerError):
+    """An input (or dy) whose shape does not fit the layer or loss."""
+
+
+class ParamsError(LayerError):
+    """Params or state that do not fit the network: a different structure or leaf shape."""
 
 
 def check_shape(where: str, what: str, expected: tuple, got: tuple, fix: str) -> None:
@@ -84,4 +157,52 @@ def check_shape(where: str, what: str, expected: tuple, got: tuple, fix: str) ->
     if not ok:
         sizes = ["batch" if e is None else str(e) for e in expected]
         shown = f"({sizes[0]},)" if len(sizes) == 1 else "(" + ", ".join(sizes) + ")"
-        raise ShapeError(f"{where}: {what} should have shape {shown}, got {got}. {fix}")
+        raise ShapeError(f"{what} should have shape {shown}, got {got}. {fix}", layer=where)
+
+
+def _describe(tree: PyTree) -> str:
+    if isinstance(tree, dict):
+        return f"a dict with keys {sorted(tree)}"
+    if isinstance(tree, (tuple, list)):
+        return f"a {type(tree).__name__} of length {len(tree)}"
+    shape = getattr(tree, "shape", None)
+    return f"an array of shape {tuple(shape)}" if shape is not None else repr(tree)
+
+
+def check_tree(where: str, what: str, got: PyTree, want: PyTree, fix: str = "") -> None:
+    """Raise :class:`ParamsError` unless ``got`` has ``want``'s structure and leaf shapes.
+
+    ``want`` is a tree whose leaves are non-empty shapes (tuples of ints) or arrays and
+    ``jax.ShapeDtypeStruct``\\ s (their shape is taken); ``()`` is an empty container. The
+    message names the first leaf path that differs, e.g. ``params['w']``, with both shapes.
+    It runs at trace time, so it costs nothing inside a compiled program.
+    """
+    fix = fix or "Pass the params and state that this network's init returned."
+
+    def fail(path, problem):
+        raise ParamsError(f"{problem}. {fix}", layer=where, what=what, leaf=path)
+
+    def walk(g, w, path):
+        if isinstance(w, tuple) and w and all(isinstance(d, (int, np.integer)) for d in w):
+            shape = getattr(g, "shape", None)
+            if shape is None or tuple(shape) != w:
+                got_text = f"shape {tuple(shape)}" if shape is not None else _describe(g)
+                fail(path, f"should have shape {w}, got {got_text}")
+            return
+        if hasattr(w, "shape") and not isinstance(w, (dict, tuple, list)):
+            return walk(g, tuple(w.shape), path)
+        if isinstance(w, dict):
+            if not isinstance(g, dict) or set(g) != set(w):
+                fail(path, f"should be {_describe(w)}, got {_describe(g)}")
+            for k in w:
+                walk(g[k], w[k], f"{path}[{k!r}]")
+            return
+        if isinstance(w, (tuple, list)):
+            if not isinstance(g, (tuple, list)) or len(g) != len(w):
+                fail(path, f"should be {_describe(w)}, got {_describe(g)}")
+            for i, (gi, wi) in enumerate(zip(g, w)):
+                walk(gi, wi, f"{path}[{i}]")
+            return
+        raise TypeError(f"check_tree: cannot describe {w!r}")
+
+    walk(got, want, "")

@@ -308,3 +308,7 @@ def load(path: str | os.PathLike, like: PyTree = None) -> PyTree:
             return _build(header["tree"], root[1], root[0], z, where)
         except (KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"{where}: corrupt tree description ({e!r})") from e
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: damaged, not fbp's, or not what was expected."""

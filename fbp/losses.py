@@ -1,7 +1,7 @@
 """Losses: each is a :class:`fbp.core.Loss` ``(value, value_and_grad, name)``.
 
-    value(pred, target)          -> scalar                plain JAX, the reference for JAX's grad
-    value_and_grad(pred, target) -> (scalar, dpred)       hand-written, dpred like pred (shape, dtype)
+    value(pred, target, mask=None)          -> scalar           plain JAX, the reference for JAX's grad
+    value_and_grad(pred, target, mask=None) -> (scalar, dpred)  hand-written, dpred like pred
 
 Parameter-free losses are values, losses with options are constructors returning a Loss:
 
@@ -14,9 +14,18 @@ leading (batch) axes. ``pred`` must be floating point; targets are cast to ``pre
 value and ``dpred`` have ``pred``'s dtype. A target whose shape does not fit raises
 :class:`fbp.core.ShapeError` at trace time; nothing is broadcast. For example::
 
-    logits, cache = model.forward(params, x)                                     # (B, K)
+    logits, _, cache = model.forward(params, state, x, train=True)               # (B, K)
     value, dlogits = losses.softmax_cross_entropy.value_and_grad(logits, labels)  # labels (B,)
     dparams, _ = model.backward(params, cache, dlogits)
+
+``mask`` (optional) is a boolean array over ``pred``'s leading axes, ``(batch,)`` or
+``(batch, time)``, False on padding: the mean is then taken over the real entries only, and
+padding gets a zero gradient. With no real entry at all the loss is 0.
+
+Each ``value`` is written so that JAX's autodiff gives the hand-written gradient everywhere,
+at kinks too (``jnp.maximum(x, 0)`` and ``jnp.abs`` would let autodiff pick a slope at 0):
+mae takes the subgradient 0 where ``pred == target``, huber is differentiable at ``+-delta``
+and the sigmoid cross-entropy is written with ``logaddexp``, smooth at a logit of 0.
 """
 
 from __future__ import annotations
@@ -78,6 +87,30 @@ def _class_targets(name: str, pred, target, label_smoothing: float) -> tuple[Arr
     return pred, target
 
 
+def _mask_weights(name: str, mask, shape: tuple, dtype) -> tuple[Array | None, Array]:
+    """``(w, n)``: ``w`` the mask as 0/1 of ``dtype`` broadcastable against ``shape`` (None for
+    no mask), and ``n`` the number of counted entries of ``shape`` (at least 1)."""
+    size = math.prod(shape)
+    if mask is None:
+        return None, jnp.asarray(max(size, 1), dtype)
+    mask = jnp.asarray(mask)
+    k = mask.ndim
+    if mask.dtype != jnp.bool_ or tuple(mask.shape) != tuple(shape[:k]):
+        raise ShapeError(
+            f"mask should be booleans over the leading axes of {tuple(shape)}, e.g. "
+            f"{tuple(shape[:1])} or {tuple(shape[:2])}, got {mask.dtype} {tuple(mask.shape)}. "
+            "Pass mask=(batch,) or (batch, time) booleans, True on real entries.",
+            layer=name,
+        )
+    w = mask.astype(dtype).reshape(mask.shape + (1,) * (len(shape) - k))
+    n = jnp.sum(w) * math.prod(shape[k:])
+    return w, jnp.maximum(n, 1)
+
+
+def _masked_mean(l: Array, w: Array | None, n: Array) -> Array:
+    return jnp.sum(l if w is None else l * w) / n
+
+
 def _mul_where_nonzero(t: Array, y: Array) -> Array:
     """t * y, but exactly 0 where t == 0, so a masked ``y = -inf`` gives 0 (not NaN) and a
     zero cotangent under jax.grad."""
@@ -95,17 +128,20 @@ def _elementwise(
     doc: str,
 ) -> Loss:
     """A Loss ``mean(l(pred, target))`` from the per-element ``loss`` and ``loss_and_grad``
-    (which returns ``l`` and ``dl/dp``, elementwise); ``dpred = dl/dp / n``."""
+    (which returns ``l`` and ``dl/dp``, elementwise); ``dpred = dl/dp / n`` on the ``n``
+    counted elements (all of them without a mask)."""
 
-    def value(pred, target):
+    def value(pred, target, mask=None):
         pred, target = _same_shape(name, pred, target)
-        return jnp.mean(loss(pred, target))
+        w, n = _mask_weights(name, mask, pred.shape, pred.dtype)
+        return _masked_mean(loss(pred, target), w, n)
 
-    def value_and_grad(pred, target):
+    def value_and_grad(pred, target, mask=None):
         pred, target = _same_shape(name, pred, target)
+        w, n = _mask_weights(name, mask, pred.shape, pred.dtype)
         l, dl = loss_and_grad(pred, target)  # both like pred
-        scale = 1.0 / max(pred.size, 1)  # d mean / d l_i = 1/n
-        return jnp.mean(l), dl * scale
+        scale = 1.0 / n if w is None else w / n  # d mean / d l_i = 1/n on counted entries
+        return _masked_mean(l, w, n), dl * scale
 
     value.__doc__ = value_and_grad.__doc__ = doc
     return Loss(value, value_and_grad, name)
@@ -137,13 +173,15 @@ _MAE_DOC = """Mean absolute error, the mean over every element.
     loss  = 1/n sum_i |p_i - t_i|
     dp_i  = sign(p_i - t_i) / n
 
-At ``p_i == t_i`` the hand-written gradient uses the subgradient 0 (as PyTorch's ``L1Loss``);
-JAX's ``grad`` of ``value`` gives 1/n there. ``target`` has exactly ``pred``'s shape.
+At ``p_i == t_i`` the gradient is the subgradient 0 (as PyTorch's ``L1Loss``), in the
+hand-written gradient and under JAX's ``grad`` of ``value`` alike. ``target`` has exactly
+``pred``'s shape.
 """
 
 
 def _mae(p, t):
-    return jnp.abs(p - t)
+    d = p - t
+    return d * jnp.sign(d)  # |d|, with autodiff derivative sign(d): 0 at d = 0 (jnp.abs gives 1)
 
 
 def _mae_vg(p, t):
@@ -166,16 +204,19 @@ def huber(delta: float = 1.0) -> Loss:
 
     Quadratic near zero, linear (slope ``delta``) in the tails, as ``optax.huber_loss`` and
     Keras' ``Huber``. PyTorch's ``HuberLoss`` is the same; its ``SmoothL1Loss`` is this divided by
-    ``delta``. ``target`` has exactly ``pred``'s shape.
+    ``delta``. The loss is differentiable at ``|d| = delta`` (both sides give ``+-delta``), and
+    ``value`` is written ``c (d - c/2)`` with ``c = clip(d)``, whose autodiff derivative is
+    ``c`` whichever side the clip's kink is taken from. ``target`` has exactly ``pred``'s shape.
     """
     if not delta > 0:
         raise ValueError(f"huber: delta should be > 0, got {delta}.")
 
     def loss(p, t):
-        abs_d = jnp.abs(p - t)
-        quadratic = jnp.minimum(abs_d, delta)  # the part of |d| inside [0, delta]
-        linear = abs_d - quadratic  # the part beyond delta
-        return 0.5 * quadratic * quadratic + delta * linear
+        d = p - t
+        c = jnp.clip(d, -delta, delta)
+        return c * (
+            d - 0.5 * c
+        )  # d(c (d - c/2)) = dc (d - c) + c dd: = c dd since d = c at the kink
 
     def loss_and_grad(p, t):
         d = p - t
@@ -192,25 +233,26 @@ With x = pred (logits), t = target (probabilities in [0, 1], same shape as pred)
 s(x) = 1 / (1 + exp(-x)):
 
     l_i   = -t_i log s(x_i) - (1 - t_i) log(1 - s(x_i))
-          = max(x_i, 0) - x_i t_i + log(1 + exp(-|x_i|))        (the stable form used)
+          = log(1 + exp(x_i)) - x_i t_i            (softplus by logaddexp(x, 0): stable)
     loss  = 1/n sum_i l_i
     dx_i  = (s(x_i) - t_i) / n
 
 Stable for logits of any finite size; a logit of ``-inf`` with target 0 (a mask) contributes
-0 to the loss and 0 to the gradient. Keras' ``BinaryCrossentropy(from_logits=True)``,
+0 to the loss and 0 to the gradient. Smooth everywhere, a logit of 0 included: ``logaddexp``
+differentiates to the sigmoid, where the textbook's ``max(x, 0) + log1p(exp(-|x|))`` would let
+autodiff pick slopes at its kinks. Keras' ``BinaryCrossentropy(from_logits=True)``,
 ``optax.sigmoid_binary_cross_entropy`` (then averaged) and PyTorch's ``BCEWithLogitsLoss``.
 """
 
 
 def _sigmoid_bce(x, t):
-    return jnp.maximum(x, 0.0) - _mul_where_nonzero(t, x) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return jnp.logaddexp(x, 0.0) - _mul_where_nonzero(t, x)
 
 
 def _sigmoid_bce_vg(x, t):
     e = jnp.exp(-jnp.abs(x))  # in (0, 1]: never overflows
-    l = jnp.maximum(x, 0.0) - _mul_where_nonzero(t, x) + jnp.log1p(e)
     s = jnp.where(x >= 0, 1.0, e) / (1.0 + e)  # sigmoid(x), stable for both signs
-    return l, s - t  # dl/dx = s(x) - t
+    return _sigmoid_bce(x, t), s - t  # dl/dx = s(x) - t
 
 
 sigmoid_binary_cross_entropy = _elementwise(
@@ -235,7 +277,7 @@ def softmax_cross_entropy_smoothed(label_smoothing: float) -> Loss:
         loss     = 1/B sum_b l_b                                       (mean over the B rows)
         dx_bk    = (p_bk sum_j t'_bj - t'_bk) / B         (= (p_bk - t'_bk) / B if rows sum to 1)
 
-    B is the product of the leading (batch) axes. Logits of ``-inf`` (masked classes) give a
+    B is the product of the leading (batch) axes (or the number of real rows under a mask). Logits of ``-inf`` (masked classes) give a
     finite loss and a zero gradient wherever the target is 0; with ``a > 0`` every class has
     target ``a / K > 0``, so a masked class makes the loss ``inf``. Labels are not range-checked
     (that would need a traced check): a label outside [0, K) gives an all-zero target row.
@@ -250,22 +292,24 @@ def softmax_cross_entropy_smoothed(label_smoothing: float) -> Loss:
     a = label_smoothing
     name = f"softmax_cross_entropy_smoothed(label_smoothing={a})" if a else "softmax_cross_entropy"
 
-    def value(pred, target):
+    def value(pred, target, mask=None):
         x, t = _class_targets(name, pred, target, a)
+        w, n = _mask_weights(name, mask, x.shape[:-1], x.dtype)
         logp = jax.nn.log_softmax(x, axis=-1)  # (..., K)
-        return jnp.mean(-jnp.sum(_mul_where_nonzero(t, logp), axis=-1))
+        return _masked_mean(-jnp.sum(_mul_where_nonzero(t, logp), axis=-1), w, n)
 
-    def value_and_grad(pred, target):
+    def value_and_grad(pred, target, mask=None):
         x, t = _class_targets(name, pred, target, a)
+        w, n = _mask_weights(name, mask, x.shape[:-1], x.dtype)
         m = jnp.max(x, axis=-1, keepdims=True)  # (..., 1) subtracted for stability
         e = jnp.exp(x - m)  # (..., K) in [0, 1]
         s = jnp.sum(e, axis=-1, keepdims=True)  # (..., 1) >= 1
         logp = x - m - jnp.log(s)  # (..., K) log-softmax
         p = e / s  # (..., K) softmax
         l = -jnp.sum(_mul_where_nonzero(t, logp), axis=-1)  # (...,)
-        scale = 1.0 / max(math.prod(x.shape[:-1]), 1)  # d mean / d l_b = 1/B
+        scale = 1.0 / n if w is None else (w / n)[..., None]  # d mean / d l_b on counted rows
         dx = (p * jnp.sum(t, axis=-1, keepdims=True) - t) * scale  # (..., K)
-        return jnp.mean(l), dx
+        return _masked_mean(l, w, n), dx
 
     value.__doc__ = value_and_grad.__doc__ = softmax_cross_entropy_smoothed.__doc__
     return Loss(value, value_and_grad, name)

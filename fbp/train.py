@@ -1,20 +1,27 @@
 """Training: a jitted step, and ``fit``, which runs each epoch as one compiled program.
 
-    step = make_step(net, loss, optimizer)            # jitted, params and state donated
-    params, opt_state, L = step(params, opt_state, x, y)
+    step = make_step(net, loss, optimizer)     # jitted; params, state and opt_state donated
+    params, state, opt_state, L = step(params, state, opt_state, x, y, key)
 
-    params, opt_state, history = fit(net, loss, optimizer, params, (X, y),
-                                     epochs=30, batch_size=32, key=jax.random.key(0))
+    params, state, opt_state, history = fit(net, loss, optimizer, params, state, (X, y),
+                                            epochs=30, batch_size=32, key=jax.random.key(0))
 
 An epoch of ``fit`` is one call of a jitted function: a ``lax.scan`` over the minibatches, each
-gathered by index from the device-resident data, then forward, backward, optimizer update. The
-order of the examples is a permutation seeded by ``(key, epoch)``; the last partial batch is
-padded and its padding masked out, so every example is used once and no program is compiled
-for the odd batch size. The data are arguments, not constants, so a second ``fit`` with the
-same shapes reuses the compiled epoch. Nothing syncs with the host inside an epoch except an
-optional progress callback every few percent of the steps. Because shuffling and Dropout keys
-depend only on ``(key, epoch, step)``, a run resumed at ``initial_epoch=k`` from the params and
-optimizer state saved after epoch ``k`` is bit-identical to an uninterrupted run.
+gathered by index from the device-resident data, then forward, backward (both through
+:func:`fbp.backprop.forward_backward`, the one place a step's gradients are computed) and the
+optimizer update. The order of the examples is a permutation seeded by ``(key, epoch)``; the
+last partial batch is padded and the padding masked out of the loss and of BatchNorm's
+statistics, so every example is used once, the step is exactly that of the unpadded batch,
+and no program is compiled for the odd batch size. The data are arguments, not constants, so
+a second ``fit`` with the same shapes reuses the compiled epoch. Nothing syncs with the host
+inside an epoch except an optional progress callback every 10% of the steps. Because
+shuffling and Dropout keys depend only on ``(key, epoch, step)``, a run resumed at
+``initial_epoch=k`` from the params, state and optimizer state saved after epoch ``k`` is
+bit-identical to an uninterrupted run.
+
+The compiled programs are ``jax.jit`` functions of this module with the network, loss,
+optimizer and settings as static arguments: JAX's own cache holds them, keyed on those
+objects and on the shapes and dtypes of the arrays. The module keeps no mutable state.
 """
 
 from __future__ import annotations
@@ -39,26 +46,36 @@ from fbp.core import Array, Layer, Loss, Optimizer, PyTree
 History = dict[str, list[float]]
 
 
-def make_step(net: Layer, loss: Loss, optimizer: Optimizer) -> Callable[..., tuple]:
-    """Return a jitted ``step(params, opt_state, x, y, key=None) -> (params, opt_state, loss)``.
+def _train_step(net, loss, optimizer, params, state, opt_state, x, y, key, mask=None):
+    """Forward, backward, update: ``(params, state, opt_state, loss_value, pred)``."""
+    value, grads, state, pred = forward_backward(
+        net, loss, params, state, x, y, key=key, train=True, mask=mask
+    )
+    params, opt_state = optimizer.update(grads, params, opt_state)
+    return params, state, opt_state, value, pred
 
-    ``params`` and ``opt_state`` are donated: XLA may write the new values into their buffers,
-    so do not use the arrays you passed in after the call. ``key`` feeds Dropout.
+
+def make_step(net: Layer, loss: Loss, optimizer: Optimizer) -> Callable[..., tuple]:
+    """Return a jitted ``step(params, state, opt_state, x, y, key=None) -> (params, state,
+    opt_state, loss)``, one training step (``train=True``).
+
+    ``params``, ``state`` and ``opt_state`` are donated, in the order they are returned: XLA
+    writes the new values into their buffers, so do not use the arrays you passed in after the
+    call. ``key`` feeds Dropout (required when the network has Dropout).
     """
 
-    def step(params, opt_state, x, y, key=None):
-        value, grads, _ = forward_backward(net, loss, params, x, y, key=key)
-        params, opt_state = optimizer.update(grads, opt_state, params)
-        return params, opt_state, value
+    def step(params, state, opt_state, x, y, key=None):
+        return _train_step(net, loss, optimizer, params, state, opt_state, x, y, key)[:4]
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 class EarlyStopping(NamedTuple):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
     ``mode`` is "min" or "max"; "auto" means "max" for names containing "acc", else "min".
-    With ``restore_best=True``, ``fit`` returns the params and optimizer state of the best epoch.
+    With ``restore_best=True``, ``fit`` returns the params, state and optimizer state of the
+    best epoch.
     """
 
     monitor: str = "val_loss"
@@ -69,109 +86,91 @@ class EarlyStopping(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# The compiled programs. Each builder is cached on its (hashable) arguments, so that fit, evaluate
-# and predict reuse one jitted function, and jit's own cache then keys on shapes and dtypes.
+# The compiled programs: jitted with their configuration static, so JAX's cache reuses them.
+
+_T0 = time.perf_counter()  # the progress bar's clock origin (a constant)
+_BAR_AFTER = 2.0  # seconds into an epoch before the progress bar shows
 
 
-class _Progress:
-    """Host side of the in-epoch progress bar, fed by a callback from inside the compiled epoch.
+def _show_progress(done, total, started) -> None:
+    """Host side of the in-epoch progress bar, called from inside the compiled epoch.
 
-    Shown only on a terminal, and only once the epoch has run ``after`` seconds past its first
-    callback (so compilation neither triggers it nor skews the ETA).
+    Stateless: the epoch's start time comes in as an argument. Shown only on a terminal, once
+    the epoch has run 2 s.
     """
-
-    after = 2.0
-
-    def __init__(self):
-        self.total, self.first, self.shown = 1, None, False
-
-    def start(self, total: int) -> None:
-        self.total, self.first, self.shown = max(total, 1), None, False
-
-    def update(self, done) -> None:
-        done, now = int(done), time.perf_counter()
-        if self.first is None:
-            self.first = (now, done)
-            return
-        elapsed = now - self.first[0]
-        if elapsed < self.after or not sys.stdout.isatty():
-            return
-        rate = (done - self.first[1]) / elapsed  # steps per second, compile excluded
-        eta = (self.total - done) / max(rate, 1e-9)
-        width = 30
-        filled = width * done // self.total
-        bar = "=" * max(filled - 1, 0) + (">" if filled < width else "=") + "." * (width - filled)
-        sys.stdout.write(f"\r{done}/{self.total} [{bar}] - ETA {eta:.0f}s ")
-        sys.stdout.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            sys.stdout.write("\r" + " " * 60 + "\r")
-            sys.stdout.flush()
+    elapsed = time.perf_counter() - _T0 - float(started)
+    done, total = int(done), max(int(total), 1)
+    if elapsed < _BAR_AFTER or not sys.stdout.isatty():
+        return
+    eta = elapsed / max(done, 1) * (total - done)
+    width = 30
+    filled = width * done // total
+    bar = "=" * max(filled - 1, 0) + (">" if filled < width else "=") + "." * (width - filled)
+    sys.stdout.write(f"\r{done}/{total} [{bar}] - ETA {eta:.0f}s ")
+    sys.stdout.flush()
 
 
-_PROGRESS = _Progress()  # printing only; one instance so that the compiled epoch is reused
-
-
-def _per_example_sum(fn, pred, y, valid):
+def _per_example_sum(fn, pred, y, valid, dtype):
     """``sum_b valid_b * fn(pred[b:b+1], y[b:b+1])``: a batch-mean function, summed per example."""
     per_example = jax.vmap(lambda p, t: fn(p[None], t[None]))(pred, y)  # (batch,)
-    return jnp.sum(jnp.where(valid, per_example, 0).astype(jnp.float32))
+    per_example = per_example.astype(dtype)
+    return jnp.sum(per_example if valid is None else jnp.where(valid, per_example, 0))
 
 
-@functools.lru_cache(maxsize=64)
-def _epoch_program(net, loss, optimizer, batch_size, metric_fns, progress, unroll):
-    """``run(params, opt_state, X, y, order, key, epoch) -> (params, opt_state, stats)``, where
-    ``stats`` is ``[loss, *metrics, 1.0 if every new param is finite else 0.0]``.
+def _acc_dtype(params) -> jnp.dtype:
+    """Sums of losses and metrics: float64 for float64 models, else float32."""
+    dtype = _param_dtype(params)
+    return jnp.dtype(jnp.float64 if dtype == jnp.float64 else jnp.float32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("net", "loss", "optimizer", "batch_size", "metric_fns", "progress", "unroll"),
+)
+def _run_epoch(
+    params, state, opt_state, X, y, order, key, epoch, started,
+    *, net, loss, optimizer, batch_size, metric_fns, progress, unroll,
+):  # fmt: skip
+    """One epoch: ``(params, state, opt_state, stats)`` with ``stats = [loss, *metrics, 1.0 if
+    every new param is finite else 0.0]``, the loss and metrics as means over the examples.
 
     ``order`` lists the examples of the epoch, padded by wrapping around to a whole number of
-    batches; the padded rows of the last batch are masked out. Masking, not a second program
-    for the partial batch, keeps one step in the compiled epoch (half the compile time). It
-    relies on the loss being a mean over examples, as every fbp loss is: with ``r`` real rows
-    in a batch of ``B``, ``dpred * B / r`` on the real rows and 0 on the others is exactly the
-    gradient of the mean over the ``r`` real examples.
+    batches; the padded rows of the last batch are masked out (loss, BatchNorm statistics,
+    metrics). Masking, not a second program for the partial batch, keeps one step in the
+    compiled epoch (half the compile time).
     """
+    n, n_steps = X.shape[0], order.shape[0] // batch_size
+    padded = n % batch_size != 0  # static: only then is any batch masked
+    drop_key = jax.random.fold_in(key, epoch)
+    every = max(n_steps // 10, 1)  # a progress callback every 10% (each costs ~0.5 ms)
+    acc = _acc_dtype(params)
 
-    def train_step(params, opt_state, x, y, valid, key):
-        pred, cache = net.forward(params, x, key=key)
-        _, dpred = loss.value_and_grad(pred, y)  # d mean_b(l_b) / dpred = dl_b/dpred_b / B
-        scale = batch_size / jnp.sum(valid).astype(dpred.dtype)  # B / r (1 on a full batch)
-        weight = jnp.where(valid, scale, jnp.zeros_like(scale))  # (B,)
-        dpred = dpred * weight.reshape(-1, *(1,) * (dpred.ndim - 1))
-        grads, _ = net.backward(params, cache, dpred)
-        params, opt_state = optimizer.update(grads, opt_state, params)
-        sums = [_per_example_sum(f, pred, y, valid) for f in (loss, *(m for _, m in metric_fns))]
-        return params, opt_state, jnp.stack(sums)
-
-    def run(params, opt_state, X, y, order, key, epoch):
-        n, n_steps = X.shape[0], order.shape[0] // batch_size
-        drop_key = jax.random.fold_in(key, epoch)
-        every = max(n_steps // 10, 1)  # a progress callback every 10% (each costs ~0.5 ms)
-
-        def body(carry, i):
-            params, opt_state, sums = carry
-            idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
-            valid = i * batch_size + jnp.arange(batch_size) < n  # (B,): False on the padding
-            params, opt_state, stats = train_step(
-                params, opt_state, X[idx], y[idx], valid, jax.random.fold_in(drop_key, i)
+    def body(carry, i):
+        params, state, opt_state, sums = carry
+        idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+        valid = i * batch_size + jnp.arange(batch_size) < n if padded else None  # (B,)
+        x, t = X[idx], y[idx]
+        params, state, opt_state, value, pred = _train_step(
+            net, loss, optimizer, params, state, opt_state, x, t,
+            jax.random.fold_in(drop_key, i), valid,
+        )  # fmt: skip
+        count = batch_size if valid is None else jnp.sum(valid).astype(acc)
+        stats = [value.astype(acc) * count]  # the masked mean times the real examples
+        stats += [_per_example_sum(f, pred, t, valid, acc) for _, f in metric_fns]
+        if progress:
+            jax.lax.cond(
+                (i + 1) % every == 0,
+                lambda: jax.debug.callback(_show_progress, i + 1, n_steps, started),
+                lambda: None,
             )
-            if progress is not None:
-                jax.lax.cond(
-                    (i + 1) % every == 0,
-                    lambda: jax.debug.callback(progress.update, i + 1),
-                    lambda: None,
-                )
-            return (params, opt_state, sums + stats), None
+        return (params, state, opt_state, sums + jnp.stack(stats)), None
 
-        sums = jnp.zeros(1 + len(metric_fns), jnp.float32)
-        (params, opt_state, sums), _ = jax.lax.scan(
-            body, (params, opt_state, sums), jnp.arange(n_steps), unroll=unroll
-        )
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-        return params, opt_state, jnp.concatenate([sums / n, finite.astype(jnp.float32)[None]])
-
-    return jax.jit(run)
+    sums = jnp.zeros(1 + len(metric_fns), acc)
+    (params, state, opt_state, sums), _ = jax.lax.scan(
+        body, (params, state, opt_state, sums), jnp.arange(n_steps), unroll=unroll
+    )
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    return params, state, opt_state, jnp.concatenate([sums / n, finite.astype(acc)[None]])
 
 
 def _epoch_order(seed: list[int], epoch: int, n: int, batch_size: int, shuffle: bool) -> Array:
@@ -191,33 +190,28 @@ def _padded_batches(n: int, batch_size: int) -> tuple[Array, Array]:
     return (flat % n).reshape(steps, batch_size), (flat < n).reshape(steps, batch_size)
 
 
-@functools.lru_cache(maxsize=64)
-def _evaluate_program(net, loss, batch_size, metric_fns):
-    def run(params, X, y):
-        def body(total, batch):
-            idx, valid = batch
-            pred = net.apply(params, X[idx])
-            sums = [
-                _per_example_sum(f, pred, y[idx], valid)
-                for f in (loss, *(m for _, m in metric_fns))
-            ]
-            return total + jnp.stack(sums), None
+@functools.partial(jax.jit, static_argnames=("net", "loss", "batch_size", "metric_fns"))
+def _evaluate(params, state, X, y, *, net, loss, batch_size, metric_fns):
+    acc = _acc_dtype(params)
 
-        total = jnp.zeros(1 + len(metric_fns), jnp.float32)
-        total, _ = jax.lax.scan(body, total, _padded_batches(X.shape[0], batch_size))
-        return total / X.shape[0]
+    def body(total, batch):
+        idx, valid = batch
+        pred = net.apply(params, state, X[idx], train=False)
+        t = y[idx]
+        sums = [loss.value(pred, t, valid).astype(acc) * jnp.sum(valid).astype(acc)]
+        sums += [_per_example_sum(f, pred, t, valid, acc) for _, f in metric_fns]
+        return total + jnp.stack(sums), None
 
-    return jax.jit(run)
+    total = jnp.zeros(1 + len(metric_fns), acc)
+    total, _ = jax.lax.scan(body, total, _padded_batches(X.shape[0], batch_size))
+    return total / X.shape[0]
 
 
-@functools.lru_cache(maxsize=64)
-def _predict_program(net, batch_size):
-    def run(params, X):
-        idx, _ = _padded_batches(X.shape[0], batch_size)
-        _, out = jax.lax.scan(lambda c, i: (c, net.apply(params, X[i])), 0, idx)
-        return out.reshape(-1, *out.shape[2:])[: X.shape[0]]  # drop the padding
-
-    return jax.jit(run)
+@functools.partial(jax.jit, static_argnames=("net", "batch_size"))
+def _predict(params, state, X, *, net, batch_size):
+    idx, _ = _padded_batches(X.shape[0], batch_size)
+    _, out = jax.lax.scan(lambda c, i: (c, net.apply(params, state, X[i], train=False)), 0, idx)
+    return out.reshape(-1, *out.shape[2:])[: X.shape[0]]  # drop the padding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,24 +276,28 @@ def evaluate(
     net: Layer,
     loss: Loss,
     params: PyTree,
+    state: PyTree,
     data: tuple[Any, Any],
     *,
     batch_size: int = 256,
     metrics: Sequence[str | Callable] = (),
 ) -> dict[str, float]:
-    """Mean loss and metrics over ``data = (X, y)``, computed in batches (no Dropout)."""
+    """Mean loss and metrics over ``data = (X, y)``, in evaluation mode (``train=False``: no
+    Dropout, BatchNorm's running statistics), computed in batches."""
     X, y = _check_data("evaluate", *data)
     X = _as_input(X, params)
     metric_fns = metrics_lib.resolve(metrics)
-    values = _evaluate_program(net, loss, int(batch_size), metric_fns)(params, X, y)
+    values = _evaluate(
+        params, state, X, y, net=net, loss=loss, batch_size=int(batch_size), metric_fns=metric_fns
+    )
     names = ["loss"] + [name for name, _ in metric_fns]
-    return dict(zip(names, np.asarray(values).tolist()))
+    return dict(zip(names, np.asarray(values).tolist(), strict=True))
 
 
-def predict(net: Layer, params: PyTree, X: Any, *, batch_size: int = 256) -> Array:
-    """``net.apply(params, X)`` computed in batches of ``batch_size`` (no Dropout)."""
+def predict(net: Layer, params: PyTree, state: PyTree, X: Any, *, batch_size: int = 256) -> Array:
+    """``net.apply(params, state, X)`` in evaluation mode, computed in batches."""
     X = _as_input(X if isinstance(X, (np.ndarray, jax.Array)) else np.asarray(X), params)
-    return _predict_program(net, int(batch_size))(params, X)
+    return _predict(params, state, X, net=net, batch_size=int(batch_size))
 
 
 def fit(
@@ -307,6 +305,7 @@ def fit(
     loss: Loss,
     optimizer: Optimizer,
     params: PyTree,
+    state: PyTree,
     data: tuple[Any, Any],
     *,
     epochs: int,
@@ -320,21 +319,23 @@ def fit(
     shuffle: bool = True,
     early_stopping: EarlyStopping | None = None,
     unroll: int = 1,
-) -> tuple[PyTree, PyTree, History]:
+) -> tuple[PyTree, PyTree, PyTree, History]:
     """Train ``net`` on ``data = (X, y)`` for epochs ``initial_epoch .. epochs - 1``.
 
     As Keras's ``fit``: ``epochs`` is the index of the last epoch plus one, so resuming with
-    ``initial_epoch=k`` runs ``epochs - k`` more. Returns ``(params, opt_state, history)``, where
-    ``history`` holds per-epoch lists: "loss", each metric (e.g. "accuracy"), and with
-    ``validation_data`` "val_loss" and "val_<metric>". Train loss and metrics are means over the
-    epoch's examples, each example counted at the step that trained on it.
+    ``initial_epoch=k`` runs ``epochs - k`` more. Returns ``(params, state, opt_state,
+    history)``: ``state`` is the network's (BatchNorm's running statistics), ``history`` holds
+    per-epoch lists: "loss", each metric (e.g. "accuracy"), and with ``validation_data``
+    "val_loss" and "val_<metric>" (evaluation mode). Train loss and metrics are means over the
+    epoch's examples, each example counted at the step that trained on it, accumulated in
+    float64 for float64 models.
 
-    The loss must be a mean over examples (every :mod:`fbp.losses` loss is): the last partial
-    batch is padded to ``batch_size`` and its padding masked out of the gradient.
+    The loss must be a mean over examples that honours a mask (every :mod:`fbp.losses` loss
+    does): the last partial batch is padded to ``batch_size`` and its padding masked out.
 
     ``key`` seeds shuffling (numpy, seeded by ``(key, e)``) and Dropout (``fold_in(key, e)``,
-    then the step index) in epoch ``e``; nothing else is random. ``verbose=1``
-    prints one line per epoch (and a progress bar during epochs longer than 2 s); ``0`` is
+    then the step index) in epoch ``e``; nothing else is random. ``verbose=1`` prints one
+    line per epoch (and a progress bar during epochs longer than 2 s on a terminal); ``0`` is
     silent. A non-finite loss stops training with a warning and returns the params from before
     that epoch. ``unroll`` is passed to ``lax.scan``.
     """
@@ -351,8 +352,10 @@ def fit(
         X_val, y_val = _check_data("fit (validation_data)", *validation_data)
         validation_data = (_as_input(X_val, params), y_val)
     opt_state = _conform_state(optimizer, params, opt_state)
-    progress = _PROGRESS if verbose else None
-    run_epoch = _epoch_program(net, loss, optimizer, batch_size, metric_fns, progress, int(unroll))
+    run_epoch = functools.partial(
+        _run_epoch, net=net, loss=loss, optimizer=optimizer, batch_size=batch_size,
+        metric_fns=metric_fns, progress=bool(verbose), unroll=int(unroll),
+    )  # fmt: skip
     seed = np.asarray(jax.random.key_data(key)).ravel().tolist()  # uint32 words of the key
     n_steps = math.ceil(X.shape[0] / batch_size)
 
@@ -363,13 +366,14 @@ def fit(
     stopper = _Stopper(early_stopping, log_names) if early_stopping else None
     for epoch in range(initial_epoch, epochs):
         t0 = time.perf_counter()
-        if progress:
-            progress.start(n_steps)
         order = _epoch_order(seed, epoch, X.shape[0], batch_size, shuffle)
-        new_params, new_state, stats = run_epoch(params, opt_state, X, y, order, key, epoch)
+        started = np.float32(t0 - _T0)
+        new_params, new_state, new_opt_state, stats = run_epoch(
+            params, state, opt_state, X, y, order, key, epoch, started
+        )
         *stats, params_finite = np.asarray(stats).tolist()  # the one host sync of the epoch
-        if progress:
-            progress.clear()
+        if verbose and sys.stdout.isatty() and time.perf_counter() - t0 >= _BAR_AFTER:
+            sys.stdout.write("\r" + " " * 60 + "\r")  # clear the progress bar
         logs = dict(zip(log_names, stats))
         if not (np.isfinite(logs["loss"]) and params_finite):
             what = (
@@ -386,9 +390,9 @@ def fit(
                 stacklevel=2,
             )
             break
-        params, opt_state = new_params, new_state
+        params, state, opt_state = new_params, new_state, new_opt_state
         if validation_data is not None:
-            val = evaluate(net, loss, params, validation_data, metrics=metrics)
+            val = evaluate(net, loss, params, state, validation_data, metrics=metrics)
             logs.update({f"val_{k}": v for k, v in val.items()})
         for k, v in logs.items():
             history.setdefault(k, []).append(v)
@@ -400,7 +404,7 @@ def fit(
                 f"({1e3 * took / n_steps:.1f}ms/step) - {shown}",
                 flush=True,
             )
-        if stopper and stopper.done(epoch, logs, params, opt_state):
+        if stopper and stopper.done(epoch, logs, (params, state, opt_state)):
             if verbose:
                 print(
                     f"Early stopping: {stopper.cfg.monitor} has not improved for "
@@ -410,8 +414,8 @@ def fit(
                 )
             break
     if stopper and stopper.cfg.restore_best and stopper.best_state is not None:
-        params, opt_state = stopper.best_state
-    return params, opt_state, history
+        params, state, opt_state = stopper.best_state
+    return params, state, opt_state, history
 
 
 class _Stopper:
@@ -434,12 +438,12 @@ class _Stopper:
         self.min_delta = -cfg.min_delta if mode == "min" else cfg.min_delta
         self.best, self.best_epoch, self.best_state, self.wait = None, -1, None, 0
 
-    def done(self, epoch: int, logs: dict, params: PyTree, opt_state: PyTree) -> bool:
+    def done(self, epoch: int, logs: dict, trees: tuple) -> bool:
         value = logs[self.cfg.monitor]
         if self.best is None or self.better(value, self.best + self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.cfg.restore_best:
-                self.best_state = (params, opt_state)
+                self.best_state = trees
             return False
         self.wait += 1
         return self.wait >= self.cfg.patience  # as Keras: patience non-improving epochs

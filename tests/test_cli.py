@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fbp import cli, datasets, io, metrics, nn, optim
+from fbp import checkpoint, cli, datasets, io, metrics, nn, optim
 from fbp.core import Layer
 
 
@@ -52,6 +52,7 @@ def test_train_verbose_prints_the_setup_and_one_line_per_epoch(capsys):
     out = capsys.readouterr().out
     assert "data: breast_cancer" in out and "455 train, 114 test" in out
     assert "serial(Dense(8), Tanh, Dense(4), Tanh, Dense(1))" in out
+    assert "total params: 289" in out  # the summary: 30*8+8 + 8*4+4 + 4*1+1
     assert "sigmoid_binary_cross_entropy" in out and "sgd(lr=0.05)" in out
     assert [f"Epoch {e}/3" in out for e in (1, 2, 3)] == [True] * 3
     assert re.search(r"^test loss: [0-9.]+ - test accuracy: [0-9.]+$", out, re.MULTILINE)
@@ -66,10 +67,11 @@ def test_train_output_writes_a_checkpoint_that_loads_back(capsys, tmp_path):
     assert f"saved checkpoint to {path}" in out
     printed_acc = _number(r"test accuracy: ([0-9.]+)", out)
 
-    # The raw file: a dict with params, opt_state, config (JSON bytes), preprocess.
-    ckpt = io.load(path)
-    assert set(ckpt) == {"params", "opt_state", "config", "preprocess"}
-    config = json.loads(bytes(ckpt["config"]).decode("utf-8"))
+    # The raw file: a dict with config (JSON bytes), params, state, opt_state, preprocess.
+    raw = io.load(path)
+    assert set(raw) == {"config", "params", "state", "opt_state", "preprocess"}
+    config = json.loads(bytes(raw["config"]).decode("utf-8"))
+    assert config["format"] == "fbp.checkpoint" and config["model"] == "mlp"
     assert config["data"] == "digits" and config["hidden"] == [16, 8]
     assert config["activation"] == "gelu" and config["optimizer"] == "momentum"
     assert config["lr"] == 0.01 and config["seed"] == 3 and config["test_size"] == 0.25
@@ -77,27 +79,48 @@ def test_train_output_writes_a_checkpoint_that_loads_back(capsys, tmp_path):
     assert config["test"]["accuracy"] == pytest.approx(printed_acc, abs=5e-5)
 
     # Structure, shapes and dtypes match a fresh init and optimizer state exactly.
-    net = cli.build_mlp((16, 8), "gelu", 10)
-    _, params = net.init(jax.random.key(0), (64,))
+    net = nn.mlp([16, 8, 10], "gelu")
+    _, params, state = net.init(jax.random.key(0), (64,))
     opt_state = optim.sgd(0.01, momentum=0.9).init(params)
-    like = {"params": params, "opt_state": opt_state}
-    like["config"], like["preprocess"] = ckpt["config"], ckpt["preprocess"]
+    like = {"params": params, "state": state, "opt_state": opt_state}
+    like["config"], like["preprocess"] = raw["config"], raw["preprocess"]
     loaded = io.load(path, like=like)
     assert jax.tree.structure(loaded["params"]) == jax.tree.structure(params)
     assert int(loaded["opt_state"].count) == 43  # 1347 train examples: ceil(1347 / 32) steps
 
-    # load_checkpoint rebuilds the net; the documented preprocessing reproduces the test number.
-    net2, ck = cli.load_checkpoint(str(path))
-    assert net2.name == net.name and ck["config"] == config
+    # checkpoint.load rebuilds the net; the documented preprocessing reproduces the test number.
+    net2, ck = checkpoint.load(path)
+    assert net2.name == net.name and ck.config == config
     X, y = datasets.load_digits()
     _, X_test, _, y_test = datasets.train_test_split(X, y, test_size=0.25, seed=3, stratify=y)
-    pre = ck["preprocess"]
+    pre = ck.preprocess
     np.testing.assert_array_equal(pre["x_shift"], 0.0)
     np.testing.assert_array_equal(pre["x_scale"], 16.0)
     x = ((X_test - pre["x_shift"]) / pre["x_scale"]).astype(np.float32)
-    params = jax.tree.map(jnp.asarray, ck["params"])
-    acc = float(metrics.accuracy(net2.apply(params, jnp.asarray(x)), jnp.asarray(y_test)))
+    params = jax.tree.map(jnp.asarray, ck.params)
+    pred = net2.apply(params, ck.state, jnp.asarray(x))
+    acc = float(metrics.accuracy(pred, jnp.asarray(y_test)))
     assert acc == pytest.approx(printed_acc, abs=5e-5)
+
+
+def test_checkpoint_load_refuses_params_that_do_not_fit_the_config(tmp_path):
+    """A config whose hidden sizes disagree with the stored params: refused, naming the leaf."""
+    net = nn.mlp([16, 10])
+    _, params, state = net.init(jax.random.key(0), (64,))
+    config = {"model": "mlp", "hidden": [32], "activation": "relu", "input_shape": [64],
+              "outputs": 10}  # fmt: skip
+    ckpt = checkpoint.Checkpoint(config, params, state, optim.adam().init(params), {})
+    checkpoint.save(tmp_path / "c.npz", ckpt)
+    with pytest.raises(
+        io.CheckpointError, match=r"params\[0\]\['w'\] should have shape \(64, 32\)"
+    ):
+        checkpoint.load(tmp_path / "c.npz")
+    checkpoint.save(tmp_path / "ok.npz", ckpt._replace(config={**config, "hidden": [16]}))
+    net2, ck = checkpoint.load(tmp_path / "ok.npz")
+    assert net2.name == net.name and ck.config["hidden"] == [16]
+    io.save(tmp_path / "plain.npz", {"params": params})
+    with pytest.raises(io.CheckpointError, match="not a training checkpoint"):
+        checkpoint.load(tmp_path / "plain.npz")
 
 
 def test_regression_checkpoint_stores_the_target_scaling(tmp_path, capsys):
@@ -106,13 +129,19 @@ def test_regression_checkpoint_stores_the_target_scaling(tmp_path, capsys):
         cli.main(["train", "--data", "diabetes", "--epochs", "1", "--quiet", "--output", str(path)])
         == 0
     )
-    pre = io.load(path)["preprocess"]
+    pre = checkpoint.load(path)[1].preprocess
     assert set(pre) == {"x_shift", "x_scale", "y_shift", "y_scale"}
     assert pre["x_shift"].shape == pre["x_scale"].shape == (10,)
     assert 100 < float(pre["y_shift"]) < 200 and 50 < float(pre["y_scale"]) < 100
 
 
 # ---------------------------------------------------------------------------------- check
+
+
+def test_check_with_batchnorm_passes(capsys):
+    assert cli.main(["check", "--batchnorm", "--loss", "huber", "--dropout", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "BatchNorm" in out and out.rstrip().splitlines()[-1].startswith("OK:")
 
 
 def test_check_prints_the_table_and_exits_0(capsys):
@@ -129,16 +158,15 @@ def test_check_prints_the_table_and_exits_0(capsys):
 def _buggy_tanh() -> Layer:
     """Tanh whose backward forgets the square: (1 - y) instead of (1 - y**2)."""
     return Layer(
-        init=lambda key, shape: (tuple(shape), ()),
-        apply=lambda params, x, *, key=None: jnp.tanh(x),
-        forward=lambda params, x, *, key=None: (jnp.tanh(x), jnp.tanh(x)),
+        init=lambda key, shape: (tuple(shape), (), ()),
+        forward=lambda params, state, x, **kw: (jnp.tanh(x), state, jnp.tanh(x)),
         backward=lambda params, y, dy: ((), (1 - y) * dy),
         name="BuggyTanh",
     )
 
 
 def test_check_exits_1_when_a_gradient_is_wrong(capsys, monkeypatch):
-    monkeypatch.setitem(cli.ACTIVATIONS, "tanh", _buggy_tanh)
+    monkeypatch.setitem(nn.ACTIVATIONS, "tanh", _buggy_tanh())
     assert cli.main(["check", "--hidden", "4", "--loss", "sigmoid_binary_cross_entropy"]) == 1
     out = capsys.readouterr().out
     assert "BuggyTanh" in out and "FAIL" in out and "FAILED:" in out
@@ -193,4 +221,5 @@ def test_python_dash_m_fbp_entry_point():
 def test_hidden_empty_gives_a_linear_model():
     assert cli._sizes("") == ()
     assert cli._sizes("128, 64") == (128, 64)
-    assert cli.build_mlp((), "relu", 3).name == nn.serial(nn.Dense(3)).name
+    config = {"model": "mlp", "hidden": [], "activation": "relu", "outputs": 3}
+    assert checkpoint.network(config).name == nn.serial(nn.Dense(3)).name

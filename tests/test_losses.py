@@ -367,6 +367,99 @@ def test_huber_is_quadratic_inside_and_linear_outside():
 
 
 # ---------------------------------------------------------------------------------------------
+# Kinks, on purpose: the hand-written gradient and jax.grad of ``value`` both give the documented
+# derivative, written out here by hand (mean over n = 6 elements, or over B = 3 rows).
+
+KINKS = [
+    # (loss, pred, target, expected gradient)
+    (losses.mae, [[1.0, -0.0], [2.0, 0.0], [-3.0, 5.0]], [[1.0, 0.0], [0.0, -0.0], [-3.0, 4.0]],
+     [[0.0, 0.0], [1 / 6, 0.0], [0.0, 1 / 6]]),  # p == t: the subgradient 0
+    (losses.huber(0.5), [[0.5, -0.5], [1.5, 0.0], [2.0, 0.0]], [[0.0, 0.0], [1.0, -0.5], [2.0, 0.0]],
+     [[0.5 / 6, -0.5 / 6], [0.5 / 6, 0.5 / 6], [0.0, 0.0]]),  # |d| == delta: +-delta / n
+    (losses.huber(), [[1.0, -1.0], [0.0, -0.0], [3.0, 2.0]], [[0.0, 0.0], [0.0, 0.0], [2.0, 3.0]],
+     [[1 / 6, -1 / 6], [0.0, 0.0], [1 / 6, -1 / 6]]),
+    (losses.sigmoid_binary_cross_entropy, [[0.0, 0.0], [-0.0, 0.0], [0.0, 0.0]],
+     [[1.0, 0.0], [0.5, 0.25], [1.0, 1.0]],
+     [[-0.5 / 6, 0.5 / 6], [0.0, 0.25 / 6], [-0.5 / 6, -0.5 / 6]]),  # logit 0: (1/2 - t) / n
+    (losses.softmax_cross_entropy, [[0.0, 0.0, 0.0], [1.0, 1.0, -1.0], [2.0, 2.0, 2.0]],
+     np.array([0, 1, 2]),
+     [[(1 / 3 - 1) / 3, 1 / 9, 1 / 9], None, [1 / 9, 1 / 9, (1 / 3 - 1) / 3]]),  # ties in max
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("loss,pred,target,expected", KINKS, ids=[k[0].name for k in KINKS])
+def test_gradient_at_kinks_is_the_documented_one_by_hand_and_by_autodiff(
+    loss, pred, target, expected
+):
+    pred = jnp.asarray(pred, jnp.float64)
+    target = (
+        jnp.asarray(target)
+        if np.asarray(target).dtype.kind in "iu"
+        else jnp.asarray(target, jnp.float64)
+    )
+    _, grad = loss.value_and_grad(pred, target)
+    autodiff = jax.grad(loss.value)(pred, target)
+    np.testing.assert_allclose(grad, autodiff, rtol=1e-15, atol=1e-17)
+    for row, want in enumerate(expected):
+        if want is not None:
+            np.testing.assert_allclose(grad[row], want, rtol=1e-14, atol=1e-17)
+
+
+def test_a_zero_initialised_logistic_regression_gets_the_true_gradient_through_autodiff():
+    """The audit's case: at logits of exactly 0, jax.grad of the plain loss must give
+    (sigmoid(0) - t) / n = (1/2 - t) / n, as the hand-written gradient does."""
+    g = jax.grad(losses.sigmoid_binary_cross_entropy)(jnp.zeros(2), jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(g, [-0.25, 0.25], rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: padding out of the mean, zero gradient on it
+
+
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_a_mask_gives_the_loss_and_gradient_of_the_real_rows_alone(name):
+    case = CASES[name]
+    pred, target = as_jax(*make_inputs(case, (5, 3)), jnp.float64)
+    mask = jnp.array([True, False, True, True, False])
+    value, grad = case.loss.value_and_grad(pred, target, mask)
+    sub_value, sub_grad = case.loss.value_and_grad(pred[mask], target[mask])
+    np.testing.assert_allclose(value, sub_value, rtol=1e-14)
+    np.testing.assert_allclose(grad[np.asarray(mask)], sub_grad, rtol=1e-14, atol=1e-17)
+    np.testing.assert_array_equal(grad[~np.asarray(mask)], 0.0)
+    np.testing.assert_allclose(case.loss.value(pred, target, mask), sub_value, rtol=1e-14)
+    autodiff = jax.grad(case.loss.value)(pred, target, mask)
+    np.testing.assert_allclose(grad, autodiff, rtol=1e-13, atol=1e-17)
+
+
+def test_sequence_logits_with_a_time_mask_average_over_real_tokens():
+    """(batch, time, classes) logits with (batch, time) labels: the mean over real tokens."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 4, 5)))
+    labels = jnp.asarray(rng.integers(0, 5, (2, 4)))
+    mask = jnp.array([[True, True, True, False], [True, False, False, False]])
+    value, grad = SCE.value_and_grad(logits, labels, mask)
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    per_token = -np.take_along_axis(logp, np.asarray(labels)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(value, per_token[np.asarray(mask)].mean(), rtol=1e-14)
+    np.testing.assert_allclose(grad, jax.grad(SCE.value)(logits, labels, mask), rtol=1e-13,
+                               atol=1e-17)  # fmt: skip
+    np.testing.assert_array_equal(grad[0, 3], 0.0)
+
+
+def test_an_all_padding_batch_has_loss_zero_and_no_gradient():
+    pred, target = jnp.ones((3, 2)), jnp.zeros((3, 2))
+    value, grad = losses.mse.value_and_grad(pred, target, jnp.zeros(3, bool))
+    assert float(value) == 0.0 and not np.any(grad)
+
+
+def test_a_mask_that_does_not_fit_is_refused():
+    with pytest.raises(ShapeError, match=r"mse: mask should be booleans over the leading axes"):
+        losses.mse.value(jnp.ones((3, 2)), jnp.ones((3, 2)), jnp.ones(2, bool))
+    with pytest.raises(ShapeError, match="mask"):
+        SCE.value(jnp.ones((3, 2)), jnp.zeros(3, jnp.int32), jnp.ones(3))  # not booleans
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors: shapes named, never broadcast; non-float pred; bad options
 
 SCE = losses.softmax_cross_entropy

@@ -91,21 +91,25 @@ def ref_rmsprop(
     learning_rate,
     decay=0.9,
     eps=1e-8,
+    initial_scale=0.0,
+    eps_in_sqrt=True,
     centered=False,
     momentum=0.0,
     nesterov=False,
-    eps_in_sqrt=True,
+    bias_correction=False,
 ):
     p = [x.copy() for x in p]
-    nu, mu, m = ([np.zeros_like(x) for x in p] for _ in range(3))
-    for t, g in enumerate(grads):
-        lr = lr_at(learning_rate, t)
+    nu = [np.full_like(x, initial_scale) for x in p]
+    mu, m = ([np.zeros_like(x) for x in p] for _ in range(2))
+    for t, g in enumerate(grads, start=1):
+        lr = lr_at(learning_rate, t - 1)
         for i in range(len(p)):
             nu[i] = decay * nu[i] + (1 - decay) * g[i] ** 2
-            var = nu[i]
+            correction = (1 - decay**t) if bias_correction else 1.0
+            var = nu[i] / correction
             if centered:
                 mu[i] = decay * mu[i] + (1 - decay) * g[i]
-                var = nu[i] - mu[i] ** 2
+                var = var - (mu[i] / correction) ** 2
             if eps_in_sqrt:
                 u = lr * g[i] / np.sqrt(var + eps)
             else:
@@ -123,11 +127,13 @@ def ref_rmsprop(
 
 
 def ref_adam(
-    p, grads, learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, eps_hat=False
-):
+    p, grads, learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=0.0,
+    eps_hat=False, nesterov=False, mask=None,
+):  # fmt: skip
     p = [x.copy() for x in p]
     mu = [np.zeros_like(x) for x in p]
     nu = [np.zeros_like(x) for x in p]
+    decayed = [True] * len(p) if mask is None else mask
     for t, g in enumerate(grads, start=1):  # bias correction counts from t = 1
         lr = lr_at(learning_rate, t - 1)
         for i in range(len(p)):
@@ -136,15 +142,22 @@ def ref_adam(
             if eps_hat:  # Kingma & Ba, just before section 2.1
                 lr_t = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
                 step = lr_t * mu[i] / (np.sqrt(nu[i]) + eps)
-            else:  # Algorithm 1
-                mhat, vhat = mu[i] / (1 - b1**t), nu[i] / (1 - b2**t)
-                step = lr * mhat / (np.sqrt(vhat) + eps)
-            p[i] = p[i] - step - lr * weight_decay * p[i]
+            else:  # Algorithm 1; Dozat's NAdam as optax writes it
+                if nesterov:
+                    mhat = b1 * mu[i] / (1 - b1 ** (t + 1)) + (1 - b1) * g[i] / (1 - b1**t)
+                else:
+                    mhat = mu[i] / (1 - b1**t)
+                vhat = nu[i] / (1 - b2**t)
+                step = lr * mhat / (np.sqrt(vhat + eps_root) + eps)
+            wd = weight_decay if decayed[i] else 0.0
+            p[i] = p[i] - step - lr * wd * p[i]
     return p, {"mu": mu, "nu": nu}
 
 
-def ref_adamw(p, grads, learning_rate=1e-3, weight_decay=1e-4, **kw):
-    return ref_adam(p, grads, learning_rate, weight_decay=weight_decay, **kw)
+def ref_adamw(p, grads, learning_rate=1e-3, weight_decay=1e-4, mask=None, **kw):
+    if mask is not None:  # the test's mask: decay the leaves with more than one axis
+        mask = [x.ndim > 1 for x in p]
+    return ref_adam(p, grads, learning_rate, weight_decay=weight_decay, mask=mask, **kw)
 
 
 REFERENCES = {"sgd": ref_sgd, "rmsprop": ref_rmsprop, "adam": ref_adam, "adamw": ref_adamw}
@@ -159,6 +172,9 @@ CASES = [
     ("rmsprop", dict(learning_rate=0.01, momentum=0.9)),
     ("rmsprop", dict(learning_rate=0.01, momentum=0.9, nesterov=True)),
     ("rmsprop", dict(learning_rate=0.01, decay=0.99, eps=1e-3, eps_in_sqrt=False)),
+    ("rmsprop", dict(learning_rate=0.01, initial_scale=1.0)),
+    ("rmsprop", dict(learning_rate=0.01, eps=1e-3, bias_correction=True)),
+    ("rmsprop", dict(learning_rate=0.01, eps=1e-1, centered=True, bias_correction=True)),
     (
         "rmsprop",
         dict(learning_rate=lr_schedule, eps=1e-3, centered=True, momentum=0.5, eps_in_sqrt=False),
@@ -167,9 +183,19 @@ CASES = [
     ("adam", dict(learning_rate=0.01, b1=0.0, b2=0.9, eps=1e-3)),
     ("adam", dict(learning_rate=0.01, eps=1e-3, eps_hat=True)),
     ("adam", dict(learning_rate=lr_schedule)),
+    ("adam", dict(learning_rate=0.01, eps=1e-3, eps_root=1e-4)),
+    ("adam", dict(learning_rate=0.01, nesterov=True)),
     ("adamw", dict()),
     ("adamw", dict(learning_rate=0.01, weight_decay=0.1)),
     ("adamw", dict(learning_rate=lr_schedule, weight_decay=0.1, eps=1e-3, eps_hat=True)),
+    (
+        "adamw",
+        dict(
+            learning_rate=0.01,
+            weight_decay=0.1,
+            mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+        ),
+    ),
 ]
 
 
@@ -189,7 +215,7 @@ def run(opt: Optimizer, params, grads: list):
     step = jax.jit(opt.update)
     state = opt.init(params)
     for g in grads:
-        params, state = step(g, state, params)
+        params, state = step(g, params, state)
     return params, state
 
 
@@ -219,36 +245,110 @@ def test_matches_numpy_reference(case):
     assert_state_matches(state, bufs, N_STEPS)
 
 
+E = inspect.Parameter.empty
+# optax's documented signatures (optax/_src/alias.py, optax 0.2.x), written out here: name,
+# default, kind. "P" is positional-or-keyword, "K" keyword-only.
+OPTAX_SIGNATURES = {
+    "sgd": [("learning_rate", E, "P"), ("momentum", None, "P"), ("nesterov", False, "P"),
+            ("accumulator_dtype", None, "P")],
+    "rmsprop": [("learning_rate", E, "P"), ("decay", 0.9, "P"), ("eps", 1e-8, "P"),
+                ("initial_scale", 0.0, "P"), ("eps_in_sqrt", True, "P"), ("centered", False, "P"),
+                ("momentum", None, "P"), ("nesterov", False, "P"),
+                ("bias_correction", False, "P")],
+    "adam": [("learning_rate", E, "P"), ("b1", 0.9, "P"), ("b2", 0.999, "P"), ("eps", 1e-8, "P"),
+             ("eps_root", 0.0, "P"), ("mu_dtype", None, "P"), ("nesterov", False, "K")],
+    "adamw": [("learning_rate", E, "P"), ("b1", 0.9, "P"), ("b2", 0.999, "P"),
+              ("eps", 1e-8, "P"), ("eps_root", 0.0, "P"), ("mu_dtype", None, "P"),
+              ("weight_decay", 1e-4, "P"), ("mask", None, "P"), ("nesterov", False, "K")],
+}  # fmt: skip
+# Where fbp differs on purpose (README): adam and adamw default learning_rate to 1e-3.
+FBP_DEFAULTS = {("adam", "learning_rate"): 1e-3, ("adamw", "learning_rate"): 1e-3}
+
+
+@pytest.mark.parametrize("name", list(OPTAX_SIGNATURES))
+def test_positional_order_and_defaults_are_optax(name):
+    """optax's positional arguments, in optax's order and with its defaults; every option optax
+    lacks is keyword-only, so an optax-style positional call builds the optax optimizer."""
+    params = inspect.signature(getattr(optim, name)).parameters
+    kind = {"P": inspect.Parameter.POSITIONAL_OR_KEYWORD, "K": inspect.Parameter.KEYWORD_ONLY}
+    positional = [n for n, p in params.items() if p.kind == kind["P"]]
+    assert positional == [n for n, _, k in OPTAX_SIGNATURES[name] if k == "P"]
+    for arg, default, k in OPTAX_SIGNATURES[name]:
+        assert params[arg].kind == kind[k], arg
+        assert params[arg].default == FBP_DEFAULTS.get((name, arg), default), arg
+    optax_names = {n for n, _, _ in OPTAX_SIGNATURES[name]}
+    for arg, p in params.items():
+        if arg not in optax_names:
+            assert p.kind == kind["K"], f"{arg} is fbp's own option: it must be keyword-only"
+
+
+def test_an_optax_style_positional_call_builds_the_optax_optimizer():
+    """optax.rmsprop(lr, decay, eps, initial_scale) and optax.adamw(lr, b1, b2, eps, eps_root,
+    mu_dtype, weight_decay): the same update as the keyword call."""
+    params, grads = make_params(), make_grads(5)
+    pairs = [
+        (optim.rmsprop(0.01, 0.9, 1e-8, 1.0), optim.rmsprop(0.01, initial_scale=1.0)),
+        (optim.adamw(0.01, 0.9, 0.999, 1e-8, 1e-4, None, 0.3),
+         optim.adamw(0.01, eps_root=1e-4, weight_decay=0.3)),
+    ]  # fmt: skip
+    for positional, keyword in pairs:
+        a, _ = run(positional, params, grads)
+        b, _ = run(keyword, params, grads)
+        for x, y in zip(leaves(a), leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
 @pytest.mark.parametrize(
-    "fn, expected",
-    [
-        (optim.sgd, dict(learning_rate=None, momentum=0.0, nesterov=False)),
-        (
-            optim.rmsprop,
-            dict(
-                learning_rate=None,
-                decay=0.9,
-                eps=1e-8,
-                centered=False,
-                momentum=0.0,
-                nesterov=False,
-                eps_in_sqrt=True,
-            ),
-        ),
-        (optim.adam, dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_hat=False)),
-        (
-            optim.adamw,
-            dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, eps_hat=False),
-        ),
-    ],
-    ids=lambda x: getattr(x, "__name__", ""),
-)
-def test_signature_and_defaults_are_optax(fn, expected):
-    params = inspect.signature(fn).parameters
-    assert list(params) == list(expected)
-    for name, default in expected.items():
-        want = inspect.Parameter.empty if default is None else default
-        assert params[name].default == want, name
+    "case",
+    [("adam", {}), ("sgd", {"learning_rate": 0.1, "momentum": 0.9}),
+     ("rmsprop", {"learning_rate": 0.01, "bias_correction": True})],
+    ids=case_id,
+)  # fmt: skip
+def test_count_saturates_at_the_int32_maximum(case):
+    """optax's safe_increment: the count stops at 2**31 - 1 instead of wrapping to -2**31."""
+    opt = make_opt(case)
+    params = make_params()
+    state = opt.init(params)._replace(count=jnp.asarray(2**31 - 2, jnp.int32))
+    g = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+        params, state = jax.jit(opt.update)(g, params, state)
+        assert int(state.count) == 2**31 - 1
+    assert all(np.all(np.isfinite(x)) for x in leaves(params))
+
+
+def test_the_obvious_jit_with_donation_updates_in_place_and_matches():
+    """jax.jit(opt.update, donate_argnums=(1, 2)): update returns (params, state) in the order
+    it takes them, so the donated buffers pair with the right outputs."""
+    opt = optim.adam(0.01)
+    params, grads = make_params(), make_grads(3)
+    want, _ = run(opt, params, grads)
+    step = jax.jit(opt.update, donate_argnums=(1, 2))
+    p, s = jax.tree.map(jnp.array, params), opt.init(params)
+    for g in grads:
+        p, s = step(g, p, s)
+    for x, y in zip(leaves(p), leaves(want), strict=True):
+        np.testing.assert_array_equal(x, y)
+    text = step.lower(grads[0], p, s).as_text()
+    assert "tf.aliasing_output" in text or "jax.buffer_donor" in text
+
+
+def test_the_old_argument_order_is_refused_with_the_fix():
+    opt = optim.adam()
+    params = make_params()
+    with pytest.raises(TypeError, match=r"update takes \(grads, params, opt_state\)"):
+        opt.update(params, opt.init(params), params)
+
+
+def test_mu_dtype_and_accumulator_dtype_set_the_buffer_dtypes():
+    params = {"w": jnp.ones((3,), jnp.float32)}
+    grads = {"w": jnp.full((3,), 0.5, jnp.float32)}
+    opt = optim.adam(0.1, mu_dtype=jnp.bfloat16)
+    state = opt.init(params)
+    assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.float32
+    p, state = opt.update(grads, params, state)
+    assert state.mu["w"].dtype == jnp.bfloat16 and p["w"].dtype == jnp.float32
+    sgd = optim.sgd(0.1, 0.9, False, jnp.bfloat16)
+    assert sgd.init(params).trace["w"].dtype == jnp.bfloat16
 
 
 def test_first_update_uses_lr_at_count_zero():
@@ -263,9 +363,9 @@ def test_first_update_uses_lr_at_count_zero():
     p = {"w": jnp.asarray([1.0, -2.0])}
     g = {"w": jnp.asarray([0.2, 0.4])}
     state = opt.init(p)
-    p1, state = opt.update(g, state, p)
-    p2, state = opt.update(g, state, p1)
-    p3, state = opt.update(g, state, p2)
+    p1, state = opt.update(g, p, state)
+    p2, state = opt.update(g, p1, state)
+    p3, state = opt.update(g, p2, state)
     assert seen == [0, 1, 2]
     np.testing.assert_allclose(p1["w"], [0.9, -2.2], rtol=1e-15)
     np.testing.assert_array_equal(p3["w"], p1["w"])
@@ -276,7 +376,7 @@ def test_adam_bias_correction_counts_from_one():
     p = jnp.asarray([0.5, -1.0, 2.0])
     g = jnp.asarray([1e-3, -4.0, 30.0])
     opt = optim.adam(0.1, eps=0.0)
-    new_p, state = opt.update(g, opt.init(p), p)
+    new_p, state = opt.update(g, p, opt.init(p))
     np.testing.assert_allclose(new_p, p - 0.1 * np.sign(g), rtol=1e-14)
     assert int(state.count) == 1
 
@@ -490,7 +590,7 @@ def rosenbrock_grad(p):
 def minimize(opt, grad_fn, x0, steps):
     def body(carry, _):
         x, state = carry
-        return opt.update(grad_fn(x), state, x), None
+        return opt.update(grad_fn(x), x, state), None
 
     (x, _), _ = jax.lax.scan(body, (x0, opt.init(x0)), None, length=steps)
     return x
@@ -553,7 +653,7 @@ def test_scan_equals_python_loop(opt):
 
     def body(carry, g):
         p, state = carry
-        return opt.update(g, state, p), None
+        return opt.update(g, p, state), None
 
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
     (scan_p, scan_s), _ = jax.jit(lambda c: jax.lax.scan(body, c, stacked))(
@@ -575,7 +675,7 @@ def test_eager_equals_jit():
     )
     eager_p, state = params, opt.init(params)
     for g in grads:
-        eager_p, state = opt.update(g, state, eager_p)
+        eager_p, state = opt.update(g, eager_p, state)
     jit_p, _ = run(opt, params, grads)
     for a, b in zip(leaves(eager_p), leaves(jit_p), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-14)
@@ -597,15 +697,15 @@ def test_state_is_stable_and_keeps_dtypes(case):
     dtypes = jax.tree.map(lambda p: p.dtype, params)
     traces = []
 
-    def step(g, state, p):
+    def step(g, p, state):
         traces.append(None)  # runs once per trace, i.e. once per compilation
-        return opt.update(g, state, p)
+        return opt.update(g, p, state)
 
     step = jax.jit(step)
     state = opt.init(params)
     first = signature((params, state))
     for g in make_grads(3):
-        params, state = step(jax.tree.map(jnp.asarray, g, dtypes), state, params)
+        params, state = step(jax.tree.map(jnp.asarray, g, dtypes), params, state)
         assert signature((params, state)) == first
     assert len(traces) == 1 and step._cache_size() == 1
     assert jax.tree.map(lambda p: p.dtype, params) == dtypes
@@ -637,7 +737,7 @@ def test_mixed_dtypes_and_empty_subtrees():
     }
     grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)
     opt = optim.clip_by_global_norm(optim.adamw(0.1, weight_decay=0.1), 1.0)
-    new, state = jax.jit(opt.update)(grads, opt.init(params), params)
+    new, state = jax.jit(opt.update)(grads, params, opt.init(params))
     assert jax.tree.structure(new) == jax.tree.structure(params)
     assert jax.tree.map(lambda x: x.dtype, new) == jax.tree.map(lambda x: x.dtype, params)
     assert jax.tree.map(lambda x: x.dtype, state.mu) == jax.tree.map(lambda x: x.dtype, params)
@@ -645,7 +745,7 @@ def test_mixed_dtypes_and_empty_subtrees():
 
 def test_empty_params():
     opt = optim.adam()
-    new, state = opt.update({}, opt.init({}), {})
+    new, state = opt.update({}, {}, opt.init({}))
     assert new == {} and state.mu == {} and int(state.count) == 1
 
 
@@ -702,7 +802,7 @@ def test_clip_zero_gradient_is_finite(inner):
     params = make_params()
     zeros = jax.tree.map(jnp.zeros_like, params)
     opt = optim.clip_by_global_norm(inner, 1.0)
-    new, state = jax.jit(opt.update)(zeros, opt.init(params), params)
+    new, state = jax.jit(opt.update)(zeros, params, opt.init(params))
     for a, b in zip(leaves(new), leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert all(np.isfinite(x).all() for x in leaves(state))
@@ -731,7 +831,7 @@ def test_mismatched_tree_raises_type_error(grads, match):
     opt = optim.adam()
     params = make_params()
     with pytest.raises(TypeError, match=match) as info:
-        opt.update(grads, opt.init(params), params)
+        opt.update(grads, params, opt.init(params))
     assert "params:" in str(info.value) and "grads:" in str(info.value)
 
 
@@ -741,7 +841,7 @@ def test_shape_mismatch_names_leaf_and_shapes():
     grads = jax.tree.map(np.zeros_like, params)
     grads["dense"]["w"] = np.zeros((3, 4))
     with pytest.raises(ShapeError, match=r"\['dense'\]\['w'\].*\(3, 4\).*\(4, 3\)"):
-        opt.update(grads, opt.init(params), params)
+        opt.update(grads, params, opt.init(params))
 
 
 def test_integer_params_raise_type_error():

@@ -1,0 +1,72 @@
+"""Layers with hand-written backward passes (the ``Layer`` contract is in :mod:`fbp.core`).
+
+Layers without options are ``Layer`` values (``nn.Relu``); layers with options are
+constructors (``nn.Dense(128)``), as in stax. Every backward reads like micrograd: local
+derivative times upstream gradient, one line per input, shapes in a comment. One file per
+family:
+
+    activations     Relu, LeakyRelu, Elu, Gelu, Sigmoid, Tanh, Softplus, Silu, Softmax,
+                    LogSoftmax, Identity
+    dense           Dense
+    normalization   LayerNorm, BatchNorm
+    regularization  Dropout
+    shape           Flatten, Reshape
+    combinators     serial, FanOut, parallel, FanInSum, FanInConcat, residual
+    models          mlp
+    inspect         summary, check_params, output_shape
+"""
+
+from fbp.nn.activations import (
+    ACTIVATIONS,
+    Elu,
+    Gelu,
+    Identity,
+    LeakyRelu,
+    LogSoftmax,
+    Relu,
+    Sigmoid,
+    Silu,
+    Softmax,
+    Softplus,
+    Tanh,
+)
+from fbp.nn.combinators import FanInConcat, FanInSum, FanOut, parallel, residual, serial
+from fbp.nn.dense import Dense
+from fbp.nn.inspect import Summary, check_params, output_shape, summary
+from fbp.nn.models import activation_layer, mlp
+from fbp.nn.normalization import BatchNorm, LayerNorm
+from fbp.nn.regularization import Dropout
+from fbp.nn.shape import Flatten, Reshape
+
+__all__ = [
+    "ACTIVATIONS",
+    "BatchNorm",
+    "Dense",
+    "Dropout",
+    "Elu",
+    "FanInConcat",
+    "FanInSum",
+    "FanOut",
+    "Flatten",
+    "Gelu",
+    "Identity",
+    "LayerNorm",
+    "LeakyRelu",
+    "LogSoftmax",
+    "Relu",
+    "Reshape",
+    "Sigmoid",
+    "Silu",
+    "Softmax",
+    "Softplus",
+    "Summary",
+    "Tanh",
+    "activation_layer",
+    "check_params",
+    "mlp",
+    "output_shape",
+    "parallel",
+    "residual",
+    "serial",
+    "summary",
+]

@@ -1,0 +1,73 @@
+"""Helpers shared by the layer families: parameter-free layers, shape checks, broadcasting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fbp.core import Array, Layer, PyTree, Shape, check_shape, check_tree
+
+
+def check_dy(name: str, expected: tuple, dy: Array) -> None:
+    """``dy`` must have the shape forward's output had (``None`` entries match any size)."""
+    check_shape(name, "dy (the gradient of the output)", expected, dy.shape,
+                "Pass dL/dy with the shape forward's output had.")  # fmt: skip
+
+
+def no_params(name: str, params: PyTree, state: PyTree) -> None:
+    """A layer without params or state must be given ``()`` for both."""
+    check_tree(name, "params", params, (), "This layer has no params: pass ().")
+    check_tree(name, "state", state, (), "This layer has no state: pass ().")
+
+
+def lead(v: Array, ndim: int) -> Array:
+    """View a per-feature vector ``(d,)`` as ``(1, ..., 1, d)`` so it meets an ``ndim`` array."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+def sum_last(v: Array) -> Array:
+    return jnp.sum(v, axis=-1, keepdims=True)
+
+
+def stateless(
+    name: str,
+    fwd: Callable[[Array], tuple[Array, PyTree]],
+    bwd: Callable[[PyTree, Array], Array],
+    out_shape: Callable[[Shape], Shape] = lambda s: s,
+    dy_shape: Callable[[PyTree], tuple] | None = lambda cache: cache.shape,
+) -> Layer:
+    """A layer without params or state from ``fwd(x) -> (y, cache)`` and ``bwd(cache, dy) -> dx``.
+
+    ``dy_shape(cache)`` is the shape ``dy`` must have (``None`` entries match any size); by
+    default the cache's own shape, right for every layer that caches its input or output.
+    """
+
+    def init(key, input_shape):
+        return out_shape(tuple(input_shape)), (), ()
+
+    def forward(params, state, x, *, key=None, train=False, mask=None):
+        no_params(name, params, state)
+        y, cache = fwd(x)
+        return y, state, cache
+
+    def backward(params, cache, dy):
+        if dy_shape is not None:
+            check_dy(name, dy_shape(cache), dy)
+        return (), bwd(cache, dy)
+
+    return Layer(init, forward, backward, name)
+
+
+def output_shape(layer: Layer, input_shape):
+    """The output shape ``layer.init`` declares for ``input_shape``, without creating arrays."""
+    out = []
+
+    def f(key):
+        shape, params, state = layer.init(key, input_shape)
+        out.append(shape)
+        return params, state
+
+    jax.eval_shape(f, jax.random.key(0))
+    return out[0]
