@@ -5,10 +5,13 @@ each call returns a copy, so callers may modify what they get):
 
     load_digits(scale=False)   -> X (1797, 64)  float32 in 0..16 (0..1 if scale), y (1797,) int32 0..9
     load_mnist_5k(scale=False) -> X (5000, 784) float32 in 0..255 (0..1 if scale), y (5000,) int32 0..9
+    load_digits(as_images=True)   -> X (1797, 8, 8, 1)    (channels-last images, for Conv2D)
+    load_mnist_5k(as_images=True) -> X (5000, 28, 28, 1)
     load_breast_cancer()       -> X (569, 30)   float32 raw features, y (569,) int32 (0 malignant, 1 benign)
     load_diabetes()            -> X (442, 10)   float32 raw features, y (442,) float32 progression target
 
-Images are flattened row-major (``X.reshape(-1, 8, 8)`` / ``(-1, 28, 28)`` gives the pictures).
+Images are flattened row-major by default (``X.reshape(-1, 8, 8)`` / ``(-1, 28, 28)`` gives the
+pictures); ``as_images=True`` returns them as ``(n, height, width, 1)``, channels last (NHWC).
 Features are returned raw, never standardized; use :func:`standardize` with statistics fitted on
 the training split only. Sources and licences: ``fbp/datasets/data/README.md``.
 
@@ -49,25 +52,30 @@ def _read(name: str, delimiter: str | None, skiprows: int = 0) -> np.ndarray:
     return table
 
 
-def _images(name: str, side: int, top: float, scale: bool) -> tuple[np.ndarray, np.ndarray]:
+def _images(
+    name: str, side: int, top: float, scale: bool, as_images: bool
+) -> tuple[np.ndarray, np.ndarray]:
     table = _read(name, ",")
     X = table[:, : side * side].astype(np.float32)  # (n, side*side), a fresh copy
     y = table[:, side * side].astype(np.int32)  # (n,)
     if scale:
         X /= np.float32(top)
+    if as_images:
+        X = X.reshape(-1, side, side, 1)  # (n, height, width, channels), row-major pixels
     return X, y
 
 
-def load_digits(scale: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_digits(scale: bool = False, as_images: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """UCI optical digits: ``X`` (1797, 64) float32 grey levels 0..16 (divided by 16 if ``scale``),
-    ``y`` (1797,) int32 labels 0..9."""
-    return _images("digits.csv.gz", 8, 16.0, scale)
+    or (1797, 8, 8, 1) with ``as_images``; ``y`` (1797,) int32 labels 0..9."""
+    return _images("digits.csv.gz", 8, 16.0, scale, as_images)
 
 
-def load_mnist_5k(scale: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist_5k(scale: bool = False, as_images: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The first 5000 MNIST training images: ``X`` (5000, 784) float32 grey levels 0..255
-    (divided by 255 if ``scale``), ``y`` (5000,) int32 labels 0..9."""
-    return _images("mnist_5k.csv.gz", 28, 255.0, scale)
+    (divided by 255 if ``scale``), or (5000, 28, 28, 1) with ``as_images``; ``y`` (5000,) int32
+    labels 0..9."""
+    return _images("mnist_5k.csv.gz", 28, 255.0, scale, as_images)
 
 
 def load_breast_cancer() -> tuple[np.ndarray, np.ndarray]:

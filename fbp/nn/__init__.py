@@ -11,6 +11,7 @@ family:
     normalization   LayerNorm, BatchNorm
     regularization  Dropout
     shape           Flatten, Reshape
+    conv            Conv1D, Conv2D, MaxPool1D/2D, AvgPool1D/2D, GlobalAvgPool
     combinators     serial, FanOut, parallel, FanInSum, FanInConcat, residual
     models          mlp
     inspect         summary, check_params, output_shape
@@ -31,6 +32,15 @@ from fbp.nn.activations import (
     Tanh,
 )
 from fbp.nn.combinators import FanInConcat, FanInSum, FanOut, parallel, residual, serial
+from fbp.nn.conv import (
+    AvgPool1D,
+    AvgPool2D,
+    Conv1D,
+    Conv2D,
+    GlobalAvgPool,
+    MaxPool1D,
+    MaxPool2D,
+)
 from fbp.nn.dense import Dense
 from fbp.nn.inspect import Summary, check_params, output_shape, summary
 from fbp.nn.models import activation_layer, mlp
@@ -40,7 +50,11 @@ from fbp.nn.shape import Flatten, Reshape
 
 __all__ = [
     "ACTIVATIONS",
+    "AvgPool1D",
+    "AvgPool2D",
     "BatchNorm",
+    "Conv1D",
+    "Conv2D",
     "Dense",
     "Dropout",
     "Elu",
@@ -49,10 +63,13 @@ __all__ = [
     "FanOut",
     "Flatten",
     "Gelu",
+    "GlobalAvgPool",
     "Identity",
     "LayerNorm",
     "LeakyRelu",
     "LogSoftmax",
+    "MaxPool1D",
+    "MaxPool2D",
     "Relu",
     "Reshape",
     "Sigmoid",
