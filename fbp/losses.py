@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp.core import Array, Loss, ShapeError, check_shape
 
@@ -277,10 +278,17 @@ def softmax_cross_entropy_smoothed(label_smoothing: float) -> Loss:
         loss     = 1/B sum_b l_b                                       (mean over the B rows)
         dx_bk    = (p_bk sum_j t'_bj - t'_bk) / B         (= (p_bk - t'_bk) / B if rows sum to 1)
 
-    B is the product of the leading (batch) axes (or the number of real rows under a mask). Logits of ``-inf`` (masked classes) give a
-    finite loss and a zero gradient wherever the target is 0; with ``a > 0`` every class has
-    target ``a / K > 0``, so a masked class makes the loss ``inf``. Labels are not range-checked
-    (that would need a traced check): a label outside [0, K) gives an all-zero target row.
+    B is the product of the leading (batch) axes (or the number of real rows under a mask).
+    Logits of ``-inf`` (masked classes) give a finite loss and a zero gradient wherever the
+    target is 0; with ``a > 0`` every class has target ``a / K > 0``, so a masked class makes
+    the loss ``inf``.
+
+    Labels out of range: under ``jit`` a loss cannot raise, and a label outside [0, K) gives an
+    all-zero target row, which contributes 0 to the loss and to the gradient (with smoothing,
+    only ``a / K`` per class). ``fit`` and ``evaluate`` check integer labels on the host first;
+    for your own loops, call :func:`check_labels` on the host, or wrap the step with
+    ``jax.experimental.checkify`` and a ``checkify.check(jnp.all((labels >= 0) & (labels <
+    K)), ...)``.
     Keras' ``CategoricalCrossentropy(from_logits=True, label_smoothing=a)``; optax's
     ``softmax_cross_entropy`` with smoothed labels, averaged over the batch.
     """
@@ -321,7 +329,27 @@ softmax_cross_entropy = softmax_cross_entropy_smoothed(0.0)
 takes integer labels of shape (...,) or one-hot/probability targets of shape (..., K)."""
 
 
+def check_labels(labels, num_classes: int, where: str = "labels") -> None:
+    """Raise ``ValueError`` unless every integer label is in ``[0, num_classes)``, naming the
+    first bad row and its value. On the host (numpy), before anything is compiled: the
+    checked counterpart of the losses, which cannot raise under ``jit``."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.size == 0:
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        first = np.unravel_index(int(np.argmax(bad.reshape(-1))), labels.shape)
+        row = first[0] if len(first) == 1 else first
+        raise ValueError(
+            f"{where}: label {int(labels[first])} at row {row} is out of range for "
+            f"{num_classes} classes (labels must be in [0, {num_classes})); "
+            f"{int(bad.sum())} of {labels.size} labels are out of range. Check the data, or "
+            "give the network as many outputs as there are classes."
+        )
+
+
 __all__ = [
+    "check_labels",
     "huber",
     "mae",
     "mse",

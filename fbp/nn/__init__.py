@@ -13,7 +13,7 @@ family:
     shape           Flatten, Reshape
     conv            Conv1D, Conv2D, MaxPool1D/2D, AvgPool1D/2D, GlobalAvgPool
     combinators     serial, FanOut, parallel, FanInSum, FanInConcat, residual
-    models          mlp
+    models          mlp, cnn
     inspect         summary, check_params, output_shape
 """
 
@@ -43,7 +43,7 @@ from fbp.nn.conv import (
 )
 from fbp.nn.dense import Dense
 from fbp.nn.inspect import Summary, check_params, output_shape, summary
-from fbp.nn.models import activation_layer, mlp
+from fbp.nn.models import activation_layer, cnn, mlp
 from fbp.nn.normalization import BatchNorm, LayerNorm
 from fbp.nn.regularization import Dropout
 from fbp.nn.shape import Flatten, Reshape
@@ -80,6 +80,7 @@ __all__ = [
     "Tanh",
     "activation_layer",
     "check_params",
+    "cnn",
     "mlp",
     "output_shape",
     "parallel",

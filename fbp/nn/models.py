@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from fbp.core import Layer
 from fbp.nn.activations import ACTIVATIONS
 from fbp.nn.combinators import serial
+from fbp.nn.conv import Conv2D, GlobalAvgPool, MaxPool2D
 from fbp.nn.dense import Dense
 from fbp.nn.normalization import BatchNorm, LayerNorm
 from fbp.nn.regularization import Dropout
+from fbp.nn.shape import Flatten
 
 
 def activation_layer(activation: Layer | str) -> Layer:
@@ -55,3 +57,41 @@ def mlp(
         if dropout:
             layers.append(Dropout(dropout))
     return serial(*layers, Dense(sizes[-1]))
+
+
+def cnn(
+    channels: Sequence[int],
+    outputs: int,
+    *,
+    head: str = "flatten",
+    dense: int = 0,
+    dropout: float = 0.0,
+    activation: Layer | str = "relu",
+) -> Layer:
+    """A small convolutional network for ``(batch, height, width, channels)`` images.
+
+    Per entry ``c`` of ``channels``: ``Conv2D(c, 3, padding="same"), BatchNorm(momentum=0.9),
+    activation, MaxPool2D(2)``. Then ``head="flatten"``: ``Flatten``; or ``head="global"``: the
+    last block's pooling is replaced by ``GlobalAvgPool``. Then, if ``dense``, ``Dense(dense),
+    activation, [Dropout(dropout)]``, and ``Dense(outputs)`` (logits).
+
+    BatchNorm's momentum is 0.9 rather than Keras's 0.99: on the small bundled data sets an
+    epoch is tens of steps, and the running statistics should settle within the first epochs.
+    """
+    channels = list(channels)
+    if not channels or not all(isinstance(c, int) and c > 0 for c in channels):
+        raise ValueError(f"cnn: channels must be positive ints, got {channels}.")
+    if head not in ("flatten", "global"):
+        raise ValueError(f"cnn: head must be 'flatten' or 'global', got {head!r}.")
+    act = activation_layer(activation)
+    layers = []
+    for i, c in enumerate(channels):
+        layers += [Conv2D(c, 3, padding="same"), BatchNorm(momentum=0.9), act]
+        if head == "flatten" or i < len(channels) - 1:
+            layers.append(MaxPool2D(2))
+    layers.append(Flatten if head == "flatten" else GlobalAvgPool)
+    if dense:
+        layers += [Dense(dense), act]
+        if dropout:
+            layers.append(Dropout(dropout))
+    return serial(*layers, Dense(outputs))
