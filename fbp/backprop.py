@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from fbp.core import Array, Layer, Loss, PyTree
+from fbp.core import Array, Layer, Loss, PyTree, conform_mask
 
 
 def forward_backward(
@@ -34,15 +34,16 @@ def forward_backward(
 ) -> tuple[Array, PyTree, PyTree, Any]:
     """One forward and one backward pass: ``(loss_value, grads, new_state, pred)``.
 
-    ``mask`` (``(batch,)`` booleans, optional) marks the real examples of a padded batch: the
-    loss is the mean over them, BatchNorm's statistics leave the others out, and the padding
-    gets no gradient, so the step is exactly that of the unpadded batch. This is the one
+    ``mask`` (booleans over ``x``'s leading axes, optional) marks the real examples of a
+    padded batch, ``(batch,)``, or the real steps of padded sequences, ``(batch, time)``: the
+    loss is the mean over them, BatchNorm's statistics and the recurrences leave the others
+    out, and the padding gets no gradient, so the step is exactly that of the unpadded batch. This is the one
     place that computes a training step's gradients; :mod:`fbp.train` calls it. The prediction
     comes along for metrics at no extra cost. The input gradient of the first layer is
     computed by ``net.backward`` and dropped; under ``jit`` XLA removes that dead computation.
     """
     pred, new_state, cache = net.forward(params, state, x, key=key, train=train, mask=mask)
-    value, dpred = loss.value_and_grad(pred, y, mask)
+    value, dpred = loss.value_and_grad(pred, y, conform_mask(mask, pred))
     grads, _ = net.backward(params, cache, dpred)
     return value, grads, new_state, pred
 

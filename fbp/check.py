@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.core import Array, Layer, Loss, PyTree, Shape
+from fbp.core import Array, Layer, Loss, PyTree, Shape, conform_mask
 
 _TINY = 1e-300
 
@@ -281,12 +281,12 @@ def check_grads(
 
         def ref_loss(p, xx):  # the reference: the plain forward and loss value, under jax.grad
             pred = net.apply(p, state, xx, key=key, train=train, mask=mask)
-            return loss.value(pred, y, mask)
+            return loss.value(pred, y, conform_mask(mask, pred))
 
         @jax.jit
         def hand(p, xx):
             pred, _, cache = net.forward(p, state, xx, key=key, train=train, mask=mask)
-            value, dpred = loss.value_and_grad(pred, y, mask)
+            value, dpred = loss.value_and_grad(pred, y, conform_mask(mask, pred))
             grads, dx = net.backward(p, cache, dpred)
             return value, grads, dx
 

@@ -160,6 +160,19 @@ def check_shape(where: str, what: str, expected: tuple, got: tuple, fix: str) ->
         raise ShapeError(f"{what} should have shape {shown}, got {got}. {fix}", layer=where)
 
 
+def conform_mask(mask: Array | None, y: Any) -> Array | None:
+    """The mask for a value ``y`` computed from masked inputs: ``mask`` itself while it covers
+    ``y``'s leading axes; once a layer has reduced an axis the mask covers (an RNN without
+    ``return_sequences`` reduces time), the trailing mask axes are reduced by ``any`` (an
+    example counts if any of its steps does) until the mask fits, down to ``(batch,)``.
+    Tuples (branches) keep the mask as it is."""
+    if mask is None or not hasattr(y, "shape"):
+        return mask
+    while mask.ndim > 1 and tuple(y.shape[: mask.ndim]) != tuple(mask.shape):
+        mask = mask.any(axis=-1)
+    return mask
+
+
 def _describe(tree: PyTree) -> str:
     if isinstance(tree, dict):
         return f"a dict with keys {sorted(tree)}"

@@ -10,8 +10,9 @@
 Backward runs the graph in reverse. Where a value feeds several layers (``FanOut``, the skip
 path of ``residual``), the gradients of its uses are summed: the multivariate chain rule.
 Params and states of a combinator are tuples with one entry per child (``residual`` has its
-layer's). A key is split into one key per child, as stax does; ``train`` and ``mask`` reach
-every child unchanged.
+layer's). A key is split into one key per child, as stax does; ``train`` reaches every child,
+and so does ``mask``, reduced (:func:`fbp.core.conform_mask`) once a layer has reduced an axis
+it covers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Layer, LayerError, ParamsError, ShapeError
+from fbp.core import Layer, LayerError, ParamsError, ShapeError, conform_mask
 from fbp.nn._base import check_dy, no_params, output_shape
 
 
@@ -85,6 +86,7 @@ def serial(*layers: Layer) -> Layer:
         caches, states = [], []
         for i, (layer, p, s, k) in enumerate(zip(layers, params, state, _split(key, n))):
             x, s, cache = _at(layers, i, layer.forward, p, s, x, key=k, train=train, mask=mask)
+            mask = conform_mask(mask, x)  # (batch, time) -> (batch,) once time is reduced
             caches.append(cache)
             states.append(s)
         return x, (tuple(states) if train else state), tuple(caches)
