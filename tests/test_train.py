@@ -459,3 +459,58 @@ def test_batch_size_may_be_a_numpy_integer():
                                  batch_size=np.int64(4), key=jax.random.key(0),
                                  verbose=0)  # fmt: skip
     assert int(opt_state.count) == 3
+
+
+# ---------------------------------------------------------------- backups (BackupAndRestore)
+
+
+def test_a_run_interrupted_after_a_backup_resumes_to_the_same_bits(tmp_path, monkeypatch):
+    net = nn.serial(nn.Dense(16), nn.BatchNorm(), nn.Relu, nn.Dropout(0.2), nn.Dense(10))
+    X, y = datasets.load_digits(scale=True)
+    X, y = X[:200], y[:200]
+    (params0, state0), opt = init(net, 64), optim.adam(1e-3)
+    stop = train.EarlyStopping("loss", patience=50)
+    kw = dict(epochs=5, batch_size=32, key=jax.random.key(3), verbose=0, metrics=["accuracy"],
+              early_stopping=stop)  # fmt: skip
+    want = train.fit(net, CE, opt, params0, state0, (X, y), **kw)
+
+    write = train._write_backup
+
+    def write_then_die(path, identity, epoch, *args):
+        write(path, identity, epoch, *args)
+        if epoch == 2:
+            raise KeyboardInterrupt  # as if killed right after the backup of epoch 2
+
+    monkeypatch.setattr(train, "_write_backup", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(net, CE, opt, params0, state0, (X, y), backup_dir=tmp_path, **kw)
+    assert (tmp_path / "backup.npz").exists()
+    monkeypatch.setattr(train, "_write_backup", write)
+    got = train.fit(net, CE, opt, params0, state0, (X, y), backup_dir=tmp_path, **kw)
+    assert tree_equal(got[:3], want[:3])
+    assert got[3] == want[3]  # the history of the epochs before the interruption is restored
+    assert not (tmp_path / "backup.npz").exists()  # removed once the run is complete
+
+
+def test_a_backup_of_another_run_is_refused(tmp_path, monkeypatch):
+    X = jax.random.normal(jax.random.key(0), (40, 5), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (40,), 0, 3)
+    write = train._write_backup
+
+    def write_then_die(*args):
+        write(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_write_backup", write_then_die)
+    net, kw = mlp(8, 3), dict(epochs=3, key=jax.random.key(2), verbose=0, backup_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(net, CE, optim.sgd(0.1), *init(net, 5), (X, y), **kw)
+    monkeypatch.setattr(train, "_write_backup", write)
+    other = nn.mlp([8, 3], "tanh")
+    with pytest.raises(ValueError, match=r"backup of a different run \(network: backup 'serial"):
+        train.fit(other, CE, optim.sgd(0.1), *init(other, 5), (X, y), **kw)
+    with pytest.raises(ValueError, match=r"optimizer: backup 'sgd\(0.1\)', this run 'adam"):
+        train.fit(net, CE, optim.adam(0.1), *init(net, 5), (X, y), **kw)
+    wider = mlp(9, 3)
+    with pytest.raises(ValueError, match="network"):
+        train.fit(wider, CE, optim.sgd(0.1), *init(wider, 5), (X, y), **kw)
