@@ -12,7 +12,7 @@ and ``evaluate`` uses (evaluation mode). Every backward pass is hand-written: dx
 convolution is a transposed convolution of dy with the flipped kernel, dw correlates the input
 with dy, and max pooling routes each gradient to the first maximum of its window.
 
-Run: ``python examples/cnn_mnist.py`` (10 epochs), ``--fast`` for 1 epoch on 800 images.
+Run: ``python examples/cnn_mnist.py`` (10 epochs), ``--fast`` for 2 epochs on 1000 images.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import jax
 from fbp import datasets, losses, nn, optim, train
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--fast", action="store_true", help="1 epoch on 800 images (a smoke test)")
+parser.add_argument("--fast", action="store_true", help="2 epochs on 1000 images (a smoke test)")
 parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
@@ -33,7 +33,7 @@ X_train, X_test, y_train, y_test = datasets.train_test_split(
     X, y, test_size=1000, seed=args.seed, stratify=y
 )
 if args.fast:
-    X_train, y_train = X_train[:800], y_train[:800]
+    X_train, y_train = X_train[:1000], y_train[:1000]
 
 net = nn.cnn([16, 32], 10)  # the network drawn above (BatchNorm with momentum 0.9)
 print(nn.summary(net, (28, 28, 1)))
@@ -48,7 +48,7 @@ params, state, _, history = train.fit(
     params,
     state,
     (X_train, y_train),
-    epochs=1 if args.fast else args.epochs,
+    epochs=2 if args.fast else args.epochs,
     batch_size=64,
     key=jax.random.key(args.seed + 1),
     metrics=["accuracy"],

@@ -152,5 +152,7 @@ def test_backprop_walkthrough(outputs):
 def test_cnn_mnist(outputs):
     out, _ = _run(outputs, "cnn_mnist.py")
     assert "Conv2D(16, 3x3, same)" in out and "total params: 20,586" in out
-    assert "Epoch 1/1" in out
-    assert _numbers(r"test accuracy: ([0-9.]+)", out)[0] > 0.5  # 1 epoch on 800; ~0.97 full
+    assert "Epoch 2/2" in out
+    assert (
+        _numbers(r"test accuracy: ([0-9.]+)", out)[0] > 0.4
+    )  # 2 epochs on 1000 (~0.56); 0.97 full
