@@ -238,6 +238,11 @@ def _as_input(X, params: PyTree) -> Array:
     return jax.device_put(X)
 
 
+@functools.partial(jax.jit, static_argnames=("optimizer",))
+def _init_opt_state(params, *, optimizer):
+    return optimizer.init(params)
+
+
 def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | None) -> PyTree:
     """``opt_state`` rebuilt with the exact tree type ``optimizer.init(params)`` has.
 
@@ -245,8 +250,8 @@ def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | Non
     NamedTuple classes, which ``lax.scan`` would reject as a different carry. Same leaf paths,
     shapes and dtypes are required; anything else is an error, never a reinterpretation.
     """
-    if opt_state is None:
-        return jax.jit(optimizer.init)(params)  # one small program, not an eager op per leaf
+    if opt_state is None:  # one small program, not an eager op per leaf; cached by config
+        return _init_opt_state(params, optimizer=optimizer)
     template = jax.eval_shape(optimizer.init, params)
     got = jax.tree_util.tree_flatten_with_path(opt_state)[0]
     want = jax.tree_util.tree_flatten_with_path(template)[0]

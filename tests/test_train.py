@@ -464,7 +464,7 @@ def test_batch_size_may_be_a_numpy_integer():
 # ---------------------------------------------------------------- backups (BackupAndRestore)
 
 
-def test_a_run_interrupted_after_a_backup_resumes_to_the_same_bits(tmp_path, monkeypatch):
+def test_a_run_interrupted_after_a_backup_resumes_to_the_same_bits(tmp_path, monkeypatch, capsys):
     net = nn.serial(nn.Dense(16), nn.BatchNorm(), nn.Relu, nn.Dropout(0.2), nn.Dense(10))
     X, y = datasets.load_digits(scale=True)
     X, y = X[:200], y[:200]
@@ -486,7 +486,12 @@ def test_a_run_interrupted_after_a_backup_resumes_to_the_same_bits(tmp_path, mon
         train.fit(net, CE, opt, params0, state0, (X, y), backup_dir=tmp_path, **kw)
     assert (tmp_path / "backup.npz").exists()
     monkeypatch.setattr(train, "_write_backup", write)
-    got = train.fit(net, CE, opt, params0, state0, (X, y), backup_dir=tmp_path, **kw)
+    capsys.readouterr()
+    got = train.fit(
+        net, CE, opt, params0, state0, (X, y), backup_dir=tmp_path, **{**kw, "verbose": 1}
+    )
+    out = capsys.readouterr().out
+    assert "after epoch 2" in out and "Epoch 3/5" in out and "Epoch 2/5" not in out  # resumed
     assert tree_equal(got[:3], want[:3])
     assert got[3] == want[3]  # the history of the epochs before the interruption is restored
     assert not (tmp_path / "backup.npz").exists()  # removed once the run is complete
@@ -514,3 +519,32 @@ def test_a_backup_of_another_run_is_refused(tmp_path, monkeypatch):
     wider = mlp(9, 3)
     with pytest.raises(ValueError, match="network"):
         train.fit(wider, CE, optim.sgd(0.1), *init(wider, 5), (X, y), **kw)
+
+
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: (
+        COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+)
+
+
+def test_a_second_fit_with_an_equal_configuration_compiles_nothing():
+    """Network, loss and optimizer built anew, equal in configuration: fit reuses every
+    compiled program (they are keyed by structure, not identity)."""
+    X = jax.random.normal(jax.random.key(0), (50, 4), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (50,), 0, 3)
+
+    def run():
+        net = nn.mlp([8, 3], norm="batch", dropout=0.1)
+        params, state = init(net, 4)
+        return train.fit(net, losses.softmax_cross_entropy,
+                         optim.adam(1e-3), params, state, (X, y), epochs=2, batch_size=16,
+                         key=jax.random.key(2), verbose=0, metrics=["accuracy"],
+                         validation_data=(X, y))  # fmt: skip
+
+    run()
+    before = len(COMPILES)
+    run()
+    assert len(COMPILES) == before
+    assert nn.mlp([8, 3]) != nn.mlp([8, 4]) and optim.adam(1e-3) != optim.adam(1e-2)
