@@ -330,7 +330,101 @@ def section_b(cfg: Config) -> tuple[list[Row], dict]:
         )
         print_row(rows[-1])
         details["with compile" if fresh else "compiled"] = t
-    return rows, details
+    compile_rows, details["compile"] = compile_costs(cfg, net, params, state, X, y, key, batch)
+    return rows + compile_rows, details
+
+
+def compile_costs(cfg: Config, net, params, state, X, y, key, batch) -> tuple[list[Row], dict]:
+    """Where a cold fit's fixed cost goes, and what the caches save.
+
+    * fit's epoch program: tracing, lowering to StableHLO, XLA's compilation (caches cleared
+      before each sample), beside the time of one compiled epoch;
+    * a second fit with an equal configuration (network, loss and optimizer built anew): the
+      number of XLA compilations it triggers (jax.monitoring's backend-compile events);
+    * a second ``python -m fbp train`` (the default run) with JAX's persistent cache, against
+      the first, each a fresh process with a fresh cache directory.
+    """
+    import tempfile
+
+    n_steps = -(-X.shape[0] // batch)
+    order = jnp.arange(n_steps * batch, dtype=jnp.int32) % X.shape[0]
+    Xd, yd = jax.device_put(X), jax.device_put(y)
+    kw = dict(net=net, loss=LOSS, optimizer=OPT, batch_size=batch, metric_fns=(),
+              progress=False, unroll=1)  # fmt: skip
+    args = (params, state, OPT.init(params), Xd, yd, order, key, 0, np.float32(0))
+    parts = {"trace": [], "lower": [], "compile": [], "epoch": []}
+    for _ in range(max(cfg.fit_repeats, 2)):
+        clear_compilation_caches()
+        t0 = time.perf_counter()
+        traced = train._run_epoch.trace(*args, **kw)
+        t1 = time.perf_counter()
+        lowered = traced.lower()
+        t2 = time.perf_counter()
+        compiled = lowered.compile()
+        t3 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        t4 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            parts[k].append(v)
+    med = {k: float(np.median(v)) for k, v in parts.items()}
+    rows = [
+        Row("b", f"fit's epoch program: {k}, 784-128-10 b{batch} (information)",
+            1e3 * med[k], 1e3 * med["epoch"], "ms", med[k] / med["epoch"], "-")
+        for k in ("trace", "lower", "compile")
+    ]  # fmt: skip
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: (
+            compiles.append(event)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
+    )
+
+    def fit_anew():
+        fresh_net, fresh_opt = mlp([128]), fbp.optim.adam(1e-3)  # equal, not identical
+        out = train.fit(
+            fresh_net,
+            losses.softmax_cross_entropy,
+            fresh_opt,
+            params,
+            state,
+            (X[:4096], y[:4096]),
+            epochs=1,
+            batch_size=batch,
+            key=key,
+            verbose=0,
+        )
+        jax.block_until_ready(out[0])  # fmt: skip
+
+    fit_anew()
+    before = len(compiles)
+    fit_anew()
+    rows.append(Row("b", "second fit, equal configuration built anew: XLA compilations",
+                    float(len(compiles) - before), 0.0, "", float(len(compiles) - before),
+                    "<= 0.00"))  # fmt: skip
+
+    def cli_run(cache: str) -> float:
+        env = {**os.environ, "XDG_CACHE_HOME": cache}
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fbp", "train", "--quiet"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        return time.perf_counter() - t0
+
+    firsts, seconds = [], []
+    for _ in range(max(cfg.fit_repeats // 2, 1)):
+        with tempfile.TemporaryDirectory() as cache:
+            firsts.append(cli_run(cache))
+            seconds.append(cli_run(cache))
+    ratio, spread = paired_ratio(seconds, firsts)
+    rows.append(Row("b", "python -m fbp train: second run / first (persistent compile cache)",
+                    float(np.median(seconds)), float(np.median(firsts)), "s", ratio, "<= 0.70",
+                    spread))  # fmt: skip
+    for row in rows:
+        print_row(row)
+    return rows, {"ms": {k: [1e3 * x for x in v] for k, v in parts.items()},
+                  "cli_s": {"first": firsts, "second": seconds}}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
