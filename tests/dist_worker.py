@@ -207,6 +207,13 @@ def training() -> dict:
                 resumed = train.fit(net, loss, opt, *loaded[:2], (X, y), mesh=mesh,
                                     opt_state=loaded[2], initial_epoch=2, **kw)  # fmt: skip
                 out["resumed bit-identical"] = bits_equal(resumed[:3], got[:3])
+    for name, kw in (("batch 30", {"batch_size": 30}), ("axis", {"data_axis": "batch"})):
+        try:
+            train.fit(net, loss, opt, params, state, (X, y), epochs=1, key=jax.random.key(1),
+                      mesh=mesh, verbose=0, **kw)  # fmt: skip
+            out[f"error {name}"] = None
+        except ValueError as e:
+            out[f"error {name}"] = str(e)
     return out
 
 
@@ -230,6 +237,8 @@ def process_main(out_dir: str, argv: list[str]) -> None:
     """One process of a multi-process ``train``; fit's results and checkpoint writes are
     recorded through the module attributes the command line calls."""
     from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from fbp import io
 
@@ -245,7 +254,16 @@ def process_main(out_dir: str, argv: list[str]) -> None:
     path = argv[argv.index("--output") + 1]
     like = {**io.load(path), "params": params, "state": state, "opt_state": opt_state}
     loaded = io.load(path, like=like)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    rows = np.zeros((jax.local_device_count(), 3), np.float32)  # this process's rows
+    spread = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), rows)
+    try:
+        io.save(f"{out_dir}/spread{pid}.npz", {"x": spread})
+        refused = None
+    except ValueError as e:
+        refused = str(e)
     result = {
+        "refused a cross-process shard": refused,
         "status": status,
         "processes": jax.process_count(),
         "devices": jax.device_count(),

@@ -82,6 +82,9 @@ def test_four_devices_give_the_single_device_results(tmp_path):
         assert r[f"replicated mlp float64 {kind}"] and r[f"replicated batchnorm float32 {kind}"]
     assert r["load keeps the shardings"]
     assert r["resumed bit-identical"]
+    assert "batch_size 30 is not divisible by the 4 devices" in r["error batch 30"]
+    assert "e.g. 28 or 32" in r["error batch 30"]
+    assert "the mesh has no axis 'batch'" in r["error axis"]
 
 
 def _train_args(port: int, pid: int, output: Path, *extra: str) -> list[str]:
@@ -111,6 +114,7 @@ def test_two_processes_train_together_and_agree(tmp_path, capsys):
         assert (r["processes"], r["devices"], r["status"]) == (2, 4, 0)
         assert r["wrote checkpoint"] == (pid == 0)
         assert r["loaded equal"] and r["loaded on the mesh"]
+        assert "sharded over devices of other processes" in r["refused a cross-process shard"]
     params = [np.load(tmp_path / f"params{pid}.npz") for pid in (0, 1)]
     for name in params[0].files:
         assert np.array_equal(params[0][name], params[1][name]), name  # bit for bit
