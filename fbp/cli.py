@@ -5,21 +5,29 @@
 ``train`` fits an MLP (:func:`fbp.nn.mlp`) or a small CNN (:func:`fbp.nn.cnn`) on a bundled
 data set, with the loss, preprocessing and metrics the data set calls for, prints the network's
 summary, and reports the test-split numbers; ``--output PATH`` writes a :mod:`fbp.checkpoint`,
-``--backup-dir DIR`` makes a killed run resume where it stopped. ``check`` builds a network on
-random data and prints :func:`fbp.check.check_grads`'s table.
+``--backup-dir DIR`` makes a killed run resume where it stopped; ``--devices N`` trains data
+parallel on N devices, ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
+``--distributed`` under a cluster launcher) on the devices of many processes. ``check`` builds a
+network on random data and prints :func:`fbp.check.check_grads`'s table.
 
 Exit status: 0 done; 1 ``check`` found a gradient that disagrees; 2 a bad argument (one line on
 stderr, no traceback); 3 the training diverged (non-finite loss or params: no checkpoint is
-written, an existing one is left as it was).
+written, an existing one is left as it was); 4 a run of many processes could not start (the
+coordinator was not reachable within ``--init-timeout``). A process of a multi-process run that
+dies ends the others within ``--heartbeat-timeout`` seconds: JAX's coordination service aborts
+them (SIGABRT) with a message that a task stopped sending heartbeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import socket
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -160,6 +168,14 @@ def _output_path(text: str) -> str:
     return text
 
 
+def _address(text: str) -> str:
+    """``HOST:PORT``, as jax.distributed takes it (``[::1]:PORT`` for IPv6)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 10.0.0.1:1234, got {text!r}")
+    return text
+
+
 def _backup_dir(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("expected a directory path, got an empty string")
@@ -225,15 +241,17 @@ def _prepare(spec: DataSpec, test_size, seed: int, images: bool) -> dict:
     }
 
 
-def _test_report(net, params, state, data, task: str) -> tuple[dict, str]:
+def _test_report(net, params, state, data, task: str, mesh=None) -> tuple[dict, str]:
     """Test metrics (a dict of floats) and the line that shows them."""
     X_te, y_te = data["test"]
-    result = train.evaluate(net, data["loss"], params, state, (X_te, y_te), metrics=data["metrics"])
+    result = train.evaluate(
+        net, data["loss"], params, state, (X_te, y_te), metrics=data["metrics"], mesh=mesh
+    )
     if task != "regression":
         result = {"loss": result["loss"], "accuracy": result["accuracy"]}
         return result, f"test loss: {result['loss']:.4f} - test accuracy: {result['accuracy']:.4f}"
     pre = data["preprocess"]
-    pred = np.asarray(train.predict(net, params, state, X_te), np.float64)[:, 0]  # (N,)
+    pred = np.asarray(train.predict(net, params, state, X_te, mesh=mesh), np.float64)[:, 0]
     err = pred * pre["y_scale"] + pre["y_shift"] - data["y_test_raw"]  # (N,) original units
     result = {
         "loss": result["loss"],
@@ -265,6 +283,91 @@ def enable_compile_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class _DistributedError(Exception):
+    """A run of many processes that cannot start: exit 4 with one line."""
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Return once ``address`` accepts TCP connections; _DistributedError after ``timeout`` s.
+
+    JAX's own wait for an unreachable coordinator ends in an abort whose message blames a dead
+    task; this names the real problem first."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise _DistributedError(
+                    f"cannot reach the coordinator at {address} within {timeout:g} s "
+                    f"(--init-timeout): {e.strerror or e}. Start process 0 with the same "
+                    "--coordinator, the address of its machine and a free port."
+                ) from None
+            time.sleep(0.2)
+
+
+def start_devices(args: argparse.Namespace) -> jax.sharding.Mesh | None:
+    """Start JAX on the devices ``train`` asks for, before anything else uses JAX, and return
+    the mesh to train on (None: one device, the plain single-device program).
+
+    ``--devices N`` sets JAX's CPU device count to N (on a CPU-only machine, N simulated
+    devices; elsewhere the CPU is not used) and takes the first N devices. With several
+    processes, ``jax.distributed.initialize`` connects them and the mesh spans every device of
+    every process; each process must then have ``--devices`` local devices, if given."""
+    distributed = args.distributed or any(
+        v is not None for v in (args.coordinator, args.num_processes, args.process_id)
+    )
+    if not distributed and args.devices is not None:
+        _check_split(args.batch_size, args.devices)
+    if args.devices is not None:
+        # Possible only before JAX starts; later (fbp.cli.main called from a program that
+        # has used JAX) the devices JAX has are used, and too few of them are an error below.
+        with contextlib.suppress(RuntimeError):
+            jax.config.update("jax_num_cpu_devices", args.devices)
+    if distributed:
+        if args.coordinator is not None and args.process_id not in (None, 0):
+            _wait_for_coordinator(args.coordinator, args.init_timeout)
+        try:
+            jax.distributed.initialize(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                initialization_timeout=args.init_timeout,
+                heartbeat_timeout_seconds=args.heartbeat_timeout,
+            )
+        except (RuntimeError, ValueError) as e:
+            raise _UsageError(f"cannot start a run of many processes: {e}") from None
+        devices = jax.devices()
+        if args.devices is not None and jax.local_device_count() != args.devices:
+            raise _UsageError(
+                f"--devices {args.devices}: this process has {jax.local_device_count()} "
+                "devices; choose them with the launcher (e.g. CUDA_VISIBLE_DEVICES)"
+            )
+    elif args.devices is None or args.devices == 1:
+        return None
+    else:
+        devices = jax.devices()
+        if len(devices) < args.devices:
+            raise _UsageError(
+                f"--devices {args.devices}: JAX has {len(devices)} {devices[0].platform} "
+                "device(s); on a CPU the count can be set only before JAX starts (run python "
+                "-m fbp in a new process)"
+            )
+        devices = devices[: args.devices]
+    _check_split(args.batch_size, len(devices))
+    return jax.make_mesh((len(devices),), ("data",), devices=devices)
+
+
+def _check_split(batch_size: int, devices: int) -> None:
+    if batch_size % devices:
+        raise _UsageError(
+            f"--batch-size {batch_size} is not divisible by the {devices} devices: each "
+            "device trains on an equal part of the batch"
+        )
+
+
 def _network_config(args: argparse.Namespace, spec: DataSpec, outputs: int, input_shape) -> dict:
     config = {"model": args.model, "activation": args.activation, "outputs": outputs}
     if args.model == "cnn":
@@ -279,8 +382,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = DATA[args.data]
     if args.model == "cnn" and spec.image_shape is None:
         raise _UsageError(f"--model cnn needs images: --data digits or mnist5k, not {args.data}")
+    mesh = start_devices(args)  # before anything else uses JAX
     if not args.no_compile_cache:
         enable_compile_cache(compile_cache_dir())
+    lead = jax.process_index() == 0  # prints and writes files; the others train silently
+    quiet = args.quiet or not lead
     data = _prepare(spec, args.test_size, args.seed, images=args.model == "cnn")
     X_tr, y_tr = data["train"]
     make_opt, default_lr = OPTIMIZERS[args.optimizer]
@@ -290,13 +396,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     net = checkpoint.network(config)
     k_init, k_fit = jax.random.split(jax.random.key(args.seed))
     _, params, state = net.init(k_init, X_tr.shape[1:])
-    if not args.quiet:
+    if not quiet:
         print(f"data: {args.data} ({spec.summary}): {len(X_tr)} train, {len(data['test'][0])} test")
         print(f"model: {net.name}, {_count(params):,} params")
         print(nn.summary(net, X_tr.shape[1:]))
         print(f"loss: {data['loss'].name}, optimizer: {args.optimizer}(lr={lr:g})")
         if spec.task == "regression":
             print("(training losses are on the standardized target)")
+        if mesh is not None:
+            n, kind = mesh.size, mesh.devices.flat[0].platform
+            print(
+                f"devices: {n} x {kind} in {jax.process_count()} process(es), data parallel: "
+                f"each trains on {args.batch_size // n} of the {args.batch_size} examples of a batch"
+            )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         params, state, opt_state, history = train.fit(
@@ -310,8 +422,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             key=k_fit,
             metrics=data["metrics"],
-            verbose=0 if args.quiet else 1,
+            verbose=0 if quiet else 1,
             backup_dir=args.backup_dir,
+            mesh=mesh,
         )
     diverged = [w for w in caught if "fit: the training" in str(w.message)]
     for w in caught:
@@ -321,7 +434,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         kept = f"; {args.output} was not written" if args.output else ""
         print(f"training diverged: {diverged[0].message}{kept}", file=sys.stderr)
         return 3
-    result, line = _test_report(net, params, state, data, spec.task)
+    result, line = _test_report(net, params, state, data, spec.task, mesh)
+    if not lead:
+        return 0
     print(line)
     if args.output:
         config.update(
@@ -400,6 +515,14 @@ backup (--backup-dir DIR): fit writes DIR/backup.npz after every epoch; rerun th
 command after a crash or a kill and training resumes from the last epoch written, with the same
 final params as an uninterrupted run. The backup is removed when training ends.
 
+devices and processes: --devices N splits each batch (the global batch, which N must divide)
+between N devices; params, state and optimizer state are replicated, XLA sums the gradients.
+On a CPU-only machine it simulates N devices (useful to try it, not faster). Many processes,
+on one machine or many, each run the same command with its own --process-id; process 0
+hosts the coordinator at --coordinator, prints, and writes --output and the backups
+(--backup-dir must then be a directory every process sees). A process that dies ends the
+others within --heartbeat-timeout seconds.
+
 compile cache: compiled programs are kept in JAX's persistent cache, in
 $XDG_CACHE_HOME/fbp/jax (default ~/.cache/fbp/jax), so a second identical run does not compile
 them again; --no-compile-cache turns it off.
@@ -411,6 +534,9 @@ examples:
   python -m fbp train --data breast_cancer --optimizer momentum --quiet
   python -m fbp train --data diabetes --hidden 32 --optimizer sgd --lr 0.01 --epochs 100
   python -m fbp train --epochs 200 --backup-dir runs/digits   # resumable
+  python -m fbp train --devices 4                       # data parallel on 4 devices
+  python -m fbp train --devices 2 --coordinator 127.0.0.1:5476 --num-processes 2 --process-id 0
+  python -m fbp train --devices 2 --coordinator 127.0.0.1:5476 --num-processes 2 --process-id 1
 """
 
 _CHECK_EPILOG = """\
@@ -512,6 +638,39 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--quiet", action="store_true", help="print only the test line (and the checkpoint path)"
     )
+    d = t.add_argument_group("devices and processes (data parallel, see below)")
+    d.add_argument(
+        "--devices",
+        type=_positive(int),
+        metavar="N",
+        help="train on N devices, each batch split between them; on a CPU-only machine JAX "
+        "gets N CPU devices (default: one device)",
+    )
+    d.add_argument(
+        "--coordinator", type=_address, metavar="HOST:PORT", help="process 0's address and port"
+    )
+    d.add_argument("--num-processes", type=_positive(int), metavar="N", help="processes in all")
+    d.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
+    d.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of many processes started by a cluster launcher (SLURM, Open MPI, "
+        "Kubernetes): jax.distributed reads the coordinator, count and id from the environment",
+    )
+    d.add_argument(
+        "--init-timeout",
+        type=_positive(int),
+        default=300,
+        metavar="S",
+        help="seconds to wait for the coordinator and every process (default: 300)",
+    )
+    d.add_argument(
+        "--heartbeat-timeout",
+        type=_positive(int),
+        default=100,
+        metavar="S",
+        help="seconds after which a silent process counts as dead and the run ends (default: 100)",
+    )
     t.set_defaults(func=cmd_train, parser=t)
 
     c = sub.add_parser(
@@ -576,10 +735,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.hidden = (4, 6) if args.model == "cnn" else (16,)
         if args.model == "cnn" and not args.hidden:
             args.parser.error("--model cnn needs at least one conv block in --hidden")
+    if args.command == "train" and args.process_id is not None:
+        if args.process_id < 0 or (args.num_processes and args.process_id >= args.num_processes):
+            args.parser.error(
+                f"--process-id must be in [0, --num-processes), got {args.process_id}"
+            )
     try:
         return args.func(args)
     except _UsageError as e:
         args.parser.error(str(e))
+    except _DistributedError as e:
+        print(f"{args.parser.prog}: error: {e}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

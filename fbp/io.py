@@ -10,6 +10,14 @@ Trees are nested dicts (str keys), lists, tuples, NamedTuples (e.g. optimizer st
 ``None``; leaves are numpy or jax arrays (bool, ints, uints, floats, complex, and ml_dtypes
 floats such as bfloat16), numpy scalars and Python bool/int/float.
 
+Sharded trees: ``save`` gathers a jax array sharded over this process's devices into one
+array, and reads a replicated one (the params, state and optimizer state of data-parallel
+training, even across processes) from one device. An array sharded over other processes'
+devices too is refused: gather it on every process first (``multihost_utils.
+process_allgather``). ``load(path, like=tree)`` puts each leaf where ``like``'s leaf is
+(``jax.device_put`` with its sharding), so a checkpoint of a data-parallel run loads straight
+back onto the mesh, in every process.
+
 Format (version 2)
 ------------------
 The file is an ordinary ``.npz``: a zip of uncompressed ``.npy`` entries. Each leaf is the entry
@@ -209,7 +217,14 @@ def _describe_leaf(x, path: str, parts: list[str], leaves: list) -> dict:
             f"save: {path} is a {type(x).__name__}; leaves must be arrays or bool/int/float "
             "(containers: dict, list, tuple, NamedTuple, None)"
         )
-    a = np.asarray(x)
+    if _is_jax_array(x) and not (x.is_fully_addressable or x.is_fully_replicated):
+        raise ValueError(
+            f"save: {path} is sharded over devices of other processes too, so this process "
+            "holds only part of it. Gather it on every process first, e.g. tree = "
+            "jax.experimental.multihost_utils.process_allgather(tree, tiled=True), then save "
+            "from process 0."
+        )
+    a = np.asarray(x)  # a sharded array is gathered here, a replicated one read from one device
     name = a.dtype.name
     if name in _BITS_DTYPES:
         a = a.view(f"uint{8 * a.dtype.itemsize}")

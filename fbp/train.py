@@ -19,6 +19,13 @@ shuffling and Dropout keys depend only on ``(key, epoch, step)``, a run resumed 
 ``initial_epoch=k`` from the params, state and optimizer state saved after epoch ``k`` is
 bit-identical to an uninterrupted run.
 
+With ``mesh=`` (a ``jax.sharding.Mesh``, Auto or Explicit axes), ``fit``, ``evaluate`` and
+``predict`` are data parallel: the data, params, state and optimizer state are replicated on
+every device of the mesh, and each batch is split along ``data_axis``, so every device gathers
+and trains on its slice of the global batch and XLA sums the gradients with an all-reduce
+(inside each layer's ``dw = x^T dy``, the contraction over the sharded batch axis). The same
+code runs on many processes (``jax.distributed``): every process passes the same data and key.
+
 The compiled programs are ``jax.jit`` functions of this module with the network, loss,
 optimizer and settings as static arguments: JAX's own cache holds them, keyed on those
 objects and on the shapes and dtypes of the arrays. The module keeps no mutable state.
@@ -26,6 +33,7 @@ objects and on the shapes and dtypes of the arrays. The module keeps no mutable 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -40,6 +48,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fbp import io
 from fbp import metrics as metrics_lib
@@ -128,13 +138,36 @@ def _acc_dtype(params) -> jnp.dtype:
     return jnp.dtype(jnp.float64 if dtype == jnp.float64 else jnp.float32)
 
 
+def _shard(v: Array, sharding: NamedSharding | None) -> Array:
+    """``v`` laid out as ``sharding`` says, inside a compiled program: ``reshard`` on a mesh
+    with Explicit axes, ``with_sharding_constraint`` on Auto axes, ``v`` itself without one."""
+    if sharding is None:
+        return v
+    if AxisType.Explicit in sharding.mesh.axis_types:
+        return jax.sharding.reshard(v, sharding)
+    return jax.lax.with_sharding_constraint(v, sharding)
+
+
+def _rows(A: Array, idx: Array, split: NamedSharding | None) -> Array:
+    """The batch ``A[idx]`` of device-resident data; with a mesh, split as ``split`` says: each
+    device gathers its own slice of the batch from its copy of ``A``, no data moves."""
+    if split is None:
+        return A[idx]
+    idx = _shard(idx, split)
+    if AxisType.Explicit in split.mesh.axis_types:
+        return A.at[idx].get(out_sharding=split)  # the gather's layout must be given there
+    return _shard(A[idx], split)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("net", "loss", "optimizer", "batch_size", "metric_fns", "progress", "unroll"),
-)
+    static_argnames=(
+        "net", "loss", "optimizer", "batch_size", "metric_fns", "progress", "unroll", "split",
+    ),
+)  # fmt: skip
 def _run_epoch(
     params, state, opt_state, X, y, order, key, epoch, started,
-    *, net, loss, optimizer, batch_size, metric_fns, progress, unroll,
+    *, net, loss, optimizer, batch_size, metric_fns, progress, unroll, split=None,
 ):  # fmt: skip
     """One epoch: ``(params, state, opt_state, stats)`` with ``stats = [loss, *metrics, 1.0 if
     every new param is finite else 0.0]``, the loss and metrics as means over the examples.
@@ -142,7 +175,8 @@ def _run_epoch(
     ``order`` lists the examples of the epoch, padded by wrapping around to a whole number of
     batches; the padded rows of the last batch are masked out (loss, BatchNorm statistics,
     metrics). Masking, not a second program for the partial batch, keeps one step in the
-    compiled epoch (half the compile time).
+    compiled epoch (half the compile time). ``split`` (a sharding, with a mesh) splits each
+    batch over the devices; every device gathers its own rows from its copy of ``X``.
     """
     n, n_steps = X.shape[0], order.shape[0] // batch_size
     padded = n % batch_size != 0  # static: only then is any batch masked
@@ -153,8 +187,8 @@ def _run_epoch(
     def body(carry, i):
         params, state, opt_state, sums = carry
         idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
-        valid = i * batch_size + jnp.arange(batch_size) < n if padded else None  # (B,)
-        x, t = X[idx], y[idx]
+        valid = _shard(i * batch_size + jnp.arange(batch_size) < n, split) if padded else None
+        x, t = _rows(X, idx, split), _rows(y, idx, split)  # (B, ...)
         params, state, opt_state, value, pred = _train_step(
             net, loss, optimizer, params, state, opt_state, x, t,
             jax.random.fold_in(drop_key, i), valid,
@@ -183,7 +217,7 @@ def _epoch_order(seed: list[int], epoch: int, n: int, batch_size: int, shuffle: 
     whole number of batches. Drawn on the host (numpy, ~1 ms for 60k), which spares every
     fit a compiled sort."""
     order = np.random.default_rng([*seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    order = np.concatenate([order, order[: (-n) % batch_size]])
+    order = np.resize(order, n + (-n) % batch_size)  # wraps around, also past n
     return jnp.asarray(order.astype(np.int32))
 
 
@@ -195,14 +229,14 @@ def _padded_batches(n: int, batch_size: int) -> tuple[Array, Array]:
     return (flat % n).reshape(steps, batch_size), (flat < n).reshape(steps, batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("net", "loss", "batch_size", "metric_fns"))
-def _evaluate(params, state, X, y, *, net, loss, batch_size, metric_fns):
+@functools.partial(jax.jit, static_argnames=("net", "loss", "batch_size", "metric_fns", "split"))
+def _evaluate(params, state, X, y, *, net, loss, batch_size, metric_fns, split=None):
     acc = _acc_dtype(params)
 
     def body(total, batch):
-        idx, valid = batch
-        pred = net.apply(params, state, X[idx], train=False)
-        t = y[idx]
+        idx, valid = batch[0], _shard(batch[1], split)
+        pred = net.apply(params, state, _rows(X, idx, split), train=False)
+        t = _rows(y, idx, split)
         sums = [loss.value(pred, t, valid).astype(acc) * jnp.sum(valid).astype(acc)]
         sums += [_per_example_sum(f, pred, t, valid, acc) for _, f in metric_fns]
         return total + jnp.stack(sums), None
@@ -212,10 +246,15 @@ def _evaluate(params, state, X, y, *, net, loss, batch_size, metric_fns):
     return total / X.shape[0]
 
 
-@functools.partial(jax.jit, static_argnames=("net", "batch_size"))
-def _predict(params, state, X, *, net, batch_size):
+@functools.partial(jax.jit, static_argnames=("net", "batch_size", "split"))
+def _predict(params, state, X, *, net, batch_size, split=None):
+    def body(carry, i):
+        return carry, net.apply(params, state, _rows(X, i, split), train=False)
+
     idx, _ = _padded_batches(X.shape[0], batch_size)
-    _, out = jax.lax.scan(lambda c, i: (c, net.apply(params, state, X[i], train=False)), 0, idx)
+    _, out = jax.lax.scan(body, 0, idx)  # (steps, batch_size, ...)
+    if split is not None:  # gathered onto every device: a replicated result, as the params
+        out = _shard(out, NamedSharding(split.mesh, P()))
     return out.reshape(-1, *out.shape[2:])[: X.shape[0]]  # drop the padding
 
 
@@ -228,14 +267,78 @@ def _param_dtype(params: PyTree):
     return floats[0] if floats else None
 
 
-def _as_input(X, params: PyTree) -> Array:
+def _as_input(X, params: PyTree, replicated: NamedSharding | None = None) -> Array:
     """Inputs on the device; floating inputs cast to the params' dtype, as Keras casts to the
     layer dtype (float64 numpy data meet float32 params as float32). A numpy array is cast on
-    the host and moved with ``device_put`` (one copy, not two)."""
+    the host and moved with ``device_put`` (one copy, not two). With a mesh, on every device
+    (``replicated``): see :func:`_replicate`."""
     dtype = _param_dtype(params)
     if dtype is not None and jnp.issubdtype(X.dtype, jnp.floating) and X.dtype != dtype:
         X = X.astype(dtype)
-    return jax.device_put(X)
+    return jax.device_put(X) if replicated is None else _replicate(X, replicated)
+
+
+class _DataParallel(NamedTuple):
+    """The two layouts of data-parallel training on a mesh: everything ``replicated`` (data,
+    params, state, optimizer state) and each batch split along the data axis (``batch``)."""
+
+    replicated: NamedSharding
+    batch: NamedSharding
+    devices: int  # along the data axis
+
+
+def _data_parallel(
+    where: str, mesh: Mesh | None, data_axis: str, batch_size: int | None = None
+) -> _DataParallel | None:
+    """The layouts for ``mesh`` (None without one); ValueError for a mesh without
+    ``data_axis`` or a ``batch_size`` (when given) its devices do not divide."""
+    if mesh is None:
+        return None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"{where}: mesh must be a jax.sharding.Mesh, e.g. jax.make_mesh((jax.device_count(),"
+            f"), ('data',)), got {type(mesh).__name__}."
+        )
+    if data_axis not in mesh.axis_names:
+        raise ValueError(
+            f"{where}: the mesh has no axis {data_axis!r} (its axes: {mesh.axis_names}); pass "
+            "data_axis= the name of the axis to split the batch along."
+        )
+    devices = mesh.shape[data_axis]
+    if batch_size is not None and batch_size % devices:
+        lo, hi = batch_size // devices * devices, -(-batch_size // devices) * devices
+        raise ValueError(
+            f"{where}: batch_size {batch_size} is not divisible by the {devices} devices of the "
+            f"mesh's {data_axis!r} axis (each trains on an equal part of the batch); pass a "
+            f"multiple of {devices}, e.g. {' or '.join(str(b) for b in (lo, hi) if b)}."
+        )
+    return _DataParallel(NamedSharding(mesh, P()), NamedSharding(mesh, P(data_axis)), devices)
+
+
+def _using(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)`` for a compiled call (arrays a program creates, such as a step
+    count, need it on Explicit axes); nothing without a mesh."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def _batch_for(batch_size: int, dp: _DataParallel | None) -> int:
+    """``batch_size`` rounded up to a multiple of the devices (padding fills the rest)."""
+    return batch_size if dp is None else -(-batch_size // dp.devices) * dp.devices
+
+
+def _replicate(tree: PyTree, replicated: NamedSharding) -> PyTree:
+    """Every leaf of ``tree`` on every device of the mesh, as one global array.
+
+    Host data (numpy) go through ``jax.make_array_from_process_local_data``: in a run of many
+    processes each passes the same global array, which is also its part of a replicated one.
+    jax arrays (params from ``init``, a previous ``fit``) are moved with ``device_put``."""
+
+    def place(a):
+        if isinstance(a, jax.Array):
+            return jax.device_put(a, replicated)
+        return jax.make_array_from_process_local_data(replicated, np.asarray(a))
+
+    return jax.tree.map(place, tree)
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer",))
@@ -308,35 +411,60 @@ def evaluate(
     *,
     batch_size: int = 256,
     metrics: Sequence[str | Callable] = (),
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> dict[str, float]:
     """Mean loss and metrics over ``data = (X, y)``, in evaluation mode (``train=False``: no
     Dropout, BatchNorm's running statistics), computed in batches of at most ``batch_size``.
-    Integer labels out of the network's range raise ``ValueError`` before anything runs."""
+    Integer labels out of the network's range raise ``ValueError`` before anything runs.
+    ``mesh``: data parallel as in :func:`fit`, the batch rounded up to a multiple of the
+    devices on ``data_axis`` (the padding is masked, so the result does not change)."""
     X, y = _check_data("evaluate", *data)
-    batch_size = min(_check_int("evaluate", "batch_size", batch_size, 1), X.shape[0])
+    batch_size = _check_int("evaluate", "batch_size", batch_size, 1)
+    dp = _data_parallel("evaluate", mesh, data_axis)
+    batch_size = _batch_for(min(batch_size, X.shape[0]), dp)
     _check_labels("evaluate", net, X, y)
-    X = _as_input(X, params)
+    X = _as_input(X, params, dp and dp.replicated)
+    if dp is not None:
+        params, state, y = _replicate((params, state, y), dp.replicated)
     metric_fns = metrics_lib.resolve(metrics)
-    values = _evaluate(
-        params, state, X, y, net=net, loss=loss, batch_size=batch_size, metric_fns=metric_fns
-    )
+    with _using(mesh):
+        values = _evaluate(
+            params, state, X, y, net=net, loss=loss, batch_size=batch_size,
+            metric_fns=metric_fns, split=dp and dp.batch,
+        )  # fmt: skip
     names = ["loss"] + [name for name, _ in metric_fns]
     return dict(zip(names, np.asarray(values).tolist(), strict=True))
 
 
-def predict(net: Layer, params: PyTree, state: PyTree, X: Any, *, batch_size: int = 256) -> Array:
+def predict(
+    net: Layer,
+    params: PyTree,
+    state: PyTree,
+    X: Any,
+    *,
+    batch_size: int = 256,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+) -> Array:
     """``net.apply(params, state, X)`` in evaluation mode, computed in batches of at most
-    ``batch_size``. An empty ``X`` gives an empty array of the output's shape."""
+    ``batch_size``. An empty ``X`` gives an empty array of the output's shape. ``mesh``: data
+    parallel as in :func:`evaluate`; the predictions come back replicated on every device."""
     X = X if isinstance(X, (np.ndarray, jax.Array)) else np.asarray(X)
     batch_size = _check_int("predict", "batch_size", batch_size, 1)
+    dp = _data_parallel("predict", mesh, data_axis)
     if X.ndim == 0:
         raise ValueError(f"predict: X needs a batch axis, got a scalar {X!r}.")
-    X = _as_input(X, params)
+    X = _as_input(X, params, dp and dp.replicated)
+    if dp is not None:
+        params, state = _replicate((params, state), dp.replicated)
     if X.shape[0] == 0:
         example = jax.ShapeDtypeStruct((1, *X.shape[1:]), X.dtype)
         out = jax.eval_shape(lambda p, s, x: net.apply(p, s, x), params, state, example)
         return jnp.zeros((0, *out.shape[1:]), out.dtype)
-    return _predict(params, state, X, net=net, batch_size=min(batch_size, X.shape[0]))
+    batch_size = _batch_for(min(batch_size, X.shape[0]), dp)
+    with _using(mesh):
+        return _predict(params, state, X, net=net, batch_size=batch_size, split=dp and dp.batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +578,8 @@ def fit(
     unroll: int = 1,
     backup_dir: str | os.PathLike | None = None,
     backup_every: int = 1,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> tuple[PyTree, PyTree, PyTree, History]:
     """Train ``net`` on ``data = (X, y)`` for epochs ``initial_epoch .. epochs - 1``.
 
@@ -478,6 +608,15 @@ def fit(
     the same params, bit for bit, as a run never killed. A backup of another run (another
     network, loss, optimizer, batch size, key, shuffling or data shape) is refused with a
     ``ValueError``. The backup is deleted when ``fit`` returns normally.
+
+    ``mesh`` (a ``jax.sharding.Mesh`` with an axis ``data_axis``, Auto or Explicit): data
+    parallel training. The data, params, state and optimizer state are replicated on every
+    device; each batch of ``batch_size`` (the global batch, which the devices on ``data_axis``
+    must divide) is split along ``data_axis``; XLA sums the gradients (and BatchNorm's batch
+    statistics) over the devices. The result equals the single-device run up to the order of
+    floating-point sums. The returned trees are replicated global arrays. In a run of many
+    processes (``jax.distributed``) every process calls ``fit`` with the same data and key,
+    and ``backup_dir`` must be a directory every process sees; process 0 writes the backups.
     """
     X, y = _check_data("fit", *data)
     epochs = _check_int("fit", "epochs", epochs, 0)
@@ -486,14 +625,17 @@ def fit(
     backup_every = _check_int("fit", "backup_every", backup_every, 1)
     if not initial_epoch <= epochs:
         raise ValueError(f"fit: need initial_epoch <= epochs, got {initial_epoch}, {epochs}.")
-    batch_size = min(batch_size, X.shape[0])
+    dp = _data_parallel("fit", mesh, data_axis, batch_size)
+    batch_size = min(batch_size, _batch_for(X.shape[0], dp))
     _check_labels("fit", net, X, y)
-    X = _as_input(X, params)
+    X = _as_input(X, params, dp and dp.replicated)
+    if dp is not None:
+        y = _replicate(y, dp.replicated)
     metric_fns = metrics_lib.resolve(metrics)
     if validation_data is not None:
         X_val, y_val = _check_data("fit (validation_data)", *validation_data)
         _check_labels("fit (validation_data)", net, X_val, y_val)
-        validation_data = (_as_input(X_val, params), y_val)
+        validation_data = (_as_input(X_val, params, dp and dp.replicated), y_val)
     history: History = {}
     train_names = ["loss"] + [name for name, _ in metric_fns]
     log_names = train_names + ([f"val_{name}" for name in train_names] if validation_data else [])
@@ -511,10 +653,16 @@ def fit(
                 stopper.restore(restored["stopper"])
             if verbose:
                 print(f"Resuming from {backup} after epoch {initial_epoch}.", flush=True)
-    opt_state = _conform_state(optimizer, params, opt_state)
+    if dp is not None:
+        params, state = _replicate((params, state), dp.replicated)
+    with _using(mesh):
+        opt_state = _conform_state(optimizer, params, opt_state)
+    if dp is not None:
+        opt_state = _replicate(opt_state, dp.replicated)
     run_epoch = functools.partial(
         _run_epoch, net=net, loss=loss, optimizer=optimizer, batch_size=batch_size,
         metric_fns=metric_fns, progress=bool(verbose), unroll=int(unroll),
+        split=dp and dp.batch,
     )  # fmt: skip
     seed = np.asarray(jax.random.key_data(key)).ravel().tolist()  # uint32 words of the key
     n_steps = math.ceil(X.shape[0] / batch_size)
@@ -526,9 +674,10 @@ def fit(
         t0 = time.perf_counter()
         order = _epoch_order(seed, epoch, X.shape[0], batch_size, shuffle)
         started = np.float32(t0 - _T0)
-        new_params, new_state, new_opt_state, stats = run_epoch(
-            params, state, opt_state, X, y, order, key, epoch, started
-        )
+        with _using(mesh):
+            new_params, new_state, new_opt_state, stats = run_epoch(
+                params, state, opt_state, X, y, order, key, epoch, started
+            )
         *stats, params_finite = np.asarray(stats).tolist()  # the one host sync of the epoch
         if verbose and sys.stdout.isatty() and time.perf_counter() - t0 >= _BAR_AFTER:
             sys.stdout.write("\r" + " " * 60 + "\r")  # clear the progress bar
@@ -550,7 +699,8 @@ def fit(
             break
         params, state, opt_state = new_params, new_state, new_opt_state
         if validation_data is not None:
-            val = evaluate(net, loss, params, state, validation_data, metrics=metrics)
+            val = evaluate(net, loss, params, state, validation_data, metrics=metrics,
+                           mesh=mesh, data_axis=data_axis)  # fmt: skip
             logs.update({f"val_{k}": v for k, v in val.items()})
         for k, v in logs.items():
             history.setdefault(k, []).append(v)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from fbp.core import Array, Layer, PyTree, Shape, check_shape, check_tree
 
@@ -20,6 +21,22 @@ def no_params(name: str, params: PyTree, state: PyTree) -> None:
     """A layer without params or state must be given ``()`` for both."""
     check_tree(name, "params", params, (), "This layer has no params: pass ().")
     check_tree(name, "state", state, (), "This layer has no state: pass ().")
+
+
+def grad_sharding(p: Array, axes: tuple[int, ...] | None = None):
+    """The sharding for ``p``'s gradient where it contracts the batch axis (``dw = x^T dy``):
+    ``p``'s own. ``axes`` (optional) names, for each axis of the contraction's result, the axis
+    of ``p`` it holds, when the result is transposed into ``p``'s layout afterwards.
+
+    Under a mesh with Explicit axes, a contraction over the sharded batch axis must be told
+    where its result lives (else ``ShardingTypeError: Contracting dimensions are sharded``);
+    XLA then sums the per-device parts with an all-reduce, the data-parallel gradient
+    reduction. On one device and under Auto meshes it changes nothing."""
+    sharding = jax.typeof(p).sharding
+    if axes is None:
+        return sharding
+    spec = (*sharding.spec, *(None,) * (p.ndim - len(sharding.spec)))
+    return sharding.update(spec=P(*(spec[a] for a in axes)))
 
 
 def lead(v: Array, ndim: int) -> Array:

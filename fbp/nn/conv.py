@@ -53,6 +53,7 @@ from jax import lax
 
 from fbp.core import Layer, ShapeError, check_shape, check_tree
 from fbp.initializers import glorot_uniform, zeros
+from fbp.nn._base import grad_sharding
 
 __all__ = [
     "AvgPool1D",
@@ -442,6 +443,7 @@ def _conv(
             rhs_dilation=win.strides,
             dimension_numbers=dw_dims,
             batch_group_count=groups,
+            out_sharding=grad_sharding(w, (n, *range(n), n + 1)),  # w's, in this layout
         )  # (Cin/G, *k, F): x's channels were the batch axis
         dw = jnp.moveaxis(dw, 0, n)  # (*k, Cin/G, F)
         grads = {"w": _as(dw, w.dtype)}

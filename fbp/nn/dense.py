@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from fbp import initializers
 from fbp.core import Layer, ShapeError, check_shape, check_tree
-from fbp.nn._base import check_dy, lead
+from fbp.nn._base import check_dy, grad_sharding, lead
 
 
 def Dense(
@@ -24,6 +24,10 @@ def Dense(
         dw = x^T dy      # (in, out)
         db = sum_n dy    # (out,)
         dx = dy w^T      # (n, in)
+
+    With the batch split over devices (``fit(..., mesh=...)``), ``dw`` and ``db`` are sums over
+    it that XLA completes with an all-reduce; ``dw`` is given ``w``'s sharding, which a mesh
+    with Explicit axes requires of a contraction over a sharded axis.
 
     Defaults as Keras: glorot-uniform ``w`` and zero ``b``. Params of another width, and an
     input whose last axis is not ``in``, raise at trace time, naming both shapes.
@@ -69,7 +73,7 @@ def Dense(
         check_dy(name, (*x.shape[:-1], w.shape[1]), dy)
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (n, out)
-        dw = x2.T @ dy2  # (in, out)
+        dw = jnp.matmul(x2.T, dy2, out_sharding=grad_sharding(w))  # (in, out)
         db = dy2.sum(0)  # (out,)
         dx = dy @ w.T  # (..., in)
         # In the params' dtype, as autodiff gives it (a float64 x must not widen float32 grads).
