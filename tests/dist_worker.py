@@ -202,7 +202,9 @@ def training() -> dict:
                     loaded = io.load(f"{tmp}/epoch2.npz", like=first[:3])
                 out["load keeps the shardings"] = all(
                     a.sharding == b.sharding
-                    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(first[:3]))
+                    for a, b in zip(
+                        jax.tree.leaves(loaded), jax.tree.leaves(first[:3]), strict=True
+                    )
                 )
                 resumed = train.fit(net, loss, opt, *loaded[:2], (X, y), mesh=mesh,
                                     opt_state=loaded[2], initial_epoch=2, **kw)  # fmt: skip
@@ -271,7 +273,7 @@ def process_main(out_dir: str, argv: list[str]) -> None:
         "loaded equal": bits_equal(loaded["params"], params),
         "loaded on the mesh": all(
             a.sharding == b.sharding
-            for a, b in zip(jax.tree.leaves(loaded["params"]), jax.tree.leaves(params))
+            for a, b in zip(jax.tree.leaves(loaded["params"]), jax.tree.leaves(params), strict=True)
         ),
     }
     with open(f"{out_dir}/result{pid}.json", "w") as f:
