@@ -25,10 +25,9 @@ terms)``. The weight gradients::
 are summed either in the scan carry (``weight_grads="in_scan"``) or as single 2-D matmuls over
 all ``T B`` rows after the scan, from the saved ``da`` (``"after_scan"``); both give the same
 numbers up to summation order. ``"auto"`` (the default) picks the one measured faster on the
-2-core CPU fbp is developed on, with the benchmark's LSTM case (B 128, T 28, F 28, 128 units,
-Dense + cross-entropy head, fbp's whole step): in_scan for LSTM and GRU, after_scan for
-SimpleRNN (see :data:`AUTO_WEIGHT_GRADS` for the measured ratios). On an accelerator the large
-matmuls of after_scan may win: measure there.
+2-core CPU fbp is developed on: in_scan for LSTM and GRU, after_scan for SimpleRNN (see
+:data:`AUTO_WEIGHT_GRADS` for the ratios). On an accelerator the large matmuls of after_scan
+may win: measure there.
 
 Masking (Keras 3 semantics, ``keras/src/backend/jax/rnn.py`` with ``zero_output_for_mask=False``,
 the default of ``LSTM``/``GRU``/``SimpleRNN``): ``mask`` is ``(B, T)``, True at real steps, or
@@ -71,13 +70,15 @@ from fbp.nn._base import check_dy, sequence_mask
 
 # ------------------------------------------------------------------------------------ helpers
 
-_UNROLL = 1  # lax.scan unroll of both recurrences; 2, 4, 7 measured no faster on CPU (LSTM 128)
+_UNROLL = 1  # lax.scan unroll of both recurrences; 2, 4, 7: 1.00x, 1.01x, 1.14x the time (CPU)
 
 WEIGHT_GRADS_MODES = ("auto", "in_scan", "after_scan")
 AUTO_WEIGHT_GRADS = {"SimpleRNN": "after_scan", "LSTM": "in_scan", "GRU": "in_scan"}
-"""What ``weight_grads="auto"`` means per layer: the faster of the two on CPU, where the time
-of fbp's whole LSTM-benchmark step with in_scan over the time with after_scan measured about
-0.6 for LSTM(128), 1.0 for GRU(128) and 1.15 for SimpleRNN(128) (B 128, T 28, F 28)."""
+"""What ``weight_grads="auto"`` means per layer: the faster of the two on a 2-core CPU. The time
+of fbp's whole train step (the layer with 128 units, then Dense(10), cross-entropy and Adam; B
+128, T 28, F 28) with in_scan over its time with after_scan measured 0.61-0.80 for the LSTM,
+0.91-1.0 for the GRU and 1.0-1.15 for the SimpleRNN over four runs (``python
+benchmarks/bench.py --only f`` prints these rows)."""
 
 
 def _weight_grads(name: str, weight_grads: str) -> str:
