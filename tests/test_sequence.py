@@ -227,22 +227,28 @@ NP_REF = {"SimpleRNN": np_simple_rnn, "LSTM": np_lstm, "GRU": np_gru}
 
 # ------------------------------------------------------------------ recurrent layers: the grid
 
-# (T, mask kind, return_sequences): the four code paths (with and without a mask, each with
-# both output modes) and T = 1, 7 and 100; T = 100 without a mask is the BPTT-over-100-steps
-# test below. The "mixed" mask holds a fully masked row, a row with holes and an end-padded row.
+# weight_grads: "auto" picks one of the two places BPTT can sum the weight gradients, per layer;
+# "other" is the one it does not pick for that layer. Both must be exact.
+OTHER_MODE = {"SimpleRNN": "in_scan", "LSTM": "after_scan", "GRU": "after_scan"}
+
+# (T, mask kind, return_sequences, weight_grads): the four code paths (with and without a mask,
+# each with both output modes), T = 1, 7 and 100, and each layer's other weight_grads mode;
+# T = 100 without a mask is the BPTT-over-100-steps test below. The "mixed" mask holds a fully
+# masked row, a row with holes and an end-padded row.
 GRID = [
-    (1, "none", False),
-    (7, "none", True),
-    (7, "mixed", False),
-    (100, "mixed", True),
+    (1, "none", False, "auto"),
+    (7, "none", True, "auto"),
+    (7, "mixed", False, "other"),
+    (100, "mixed", True, "auto"),
 ]
 
 
-@pytest.mark.parametrize(("T", "mask_kind", "return_sequences"), GRID)
+@pytest.mark.parametrize(("T", "mask_kind", "return_sequences", "weight_grads"), GRID)
 @pytest.mark.parametrize("kind", ["SimpleRNN", "LSTM", "GRU"])
-def test_recurrent_gradients_and_forward(kind, T, mask_kind, return_sequences):
+def test_recurrent_gradients_and_forward(kind, T, mask_kind, return_sequences, weight_grads):
     B, F, u = 3, 2, (4 if T < 100 else 3)
-    layer = LAYERS[kind](u, return_sequences=return_sequences)
+    mode = OTHER_MODE[kind] if weight_grads == "other" else "auto"
+    layer = LAYERS[kind](u, return_sequences=return_sequences, weight_grads=mode)
     params, state = make_params(layer, (T, F), seed=T)
     x = jax.random.normal(jax.random.key(T + 1), (B, T, F), F64)
     mask = make_mask(mask_kind, B, T)
@@ -273,37 +279,22 @@ def test_bptt_over_100_steps_is_finite_and_matches_jax_grad(kind):
     assert rel_err(mine, ref) <= VJP_TOL
 
 
-# The mode "auto" does not pick for each layer; the grid above runs the one it picks.
-OTHER_MODE = {"SimpleRNN": "in_scan", "LSTM": "after_scan", "GRU": "after_scan"}
-
-
-@pytest.mark.parametrize("kind", ["SimpleRNN", "LSTM", "GRU"])
-def test_both_weight_gradient_strategies_are_exact(kind):
-    """weight_grads="in_scan" (sums in the scan carry) and "after_scan" (2-D matmuls over all
-    steps after the scan) give the same gradients; "auto" is one of them; others refused."""
-    assert fbp.nn.sequence.AUTO_WEIGHT_GRADS[kind] != OTHER_MODE[kind]
-    B, T, F, u = 3, 7, 2, 4
-    layer = LAYERS[kind](u, return_sequences=True, weight_grads=OTHER_MODE[kind])
-    params, state = make_params(layer, (T, F), seed=3)
-    x = jax.random.normal(jax.random.key(4), (B, T, F), F64)
-    check_gradients(layer, params, state, x, make_mask("mixed", B, T))
-    with pytest.raises(ValueError, match="weight_grads must be one of"):
-        LAYERS[kind](u, weight_grads="fused")
+def test_weight_grads_auto_is_one_of_the_two_and_others_are_refused():
+    for kind, layer in LAYERS.items():
+        modes = {fbp.nn.sequence.AUTO_WEIGHT_GRADS[kind], OTHER_MODE[kind]}
+        assert modes == {"in_scan", "after_scan"}
+        with pytest.raises(ValueError, match="weight_grads must be one of"):
+            layer(4, weight_grads="fused")
 
 
 @pytest.mark.parametrize(
     ("kind", "xdtype"),
-    [
-        ("SimpleRNN", jnp.float32),
-        ("GRU", jnp.float32),
-        ("LSTM", jnp.float32),
-        ("LSTM", F64),
-    ],
+    [("GRU", jnp.float32), ("LSTM", jnp.float32), ("LSTM", F64)],
 )
 def test_float32_and_mixed_precision(kind, xdtype):
     """float32 params and input: float32 everywhere; float32 params with a float64 input:
     float64 compute, float32 param gradients and a float64 dx, as autodiff gives them. (The
-    layers share the code that casts.)"""
+    recurrent layers share the code that casts; SimpleRNN's is the LSTM's.)"""
     B, T, F, u = 2, 5, 3, 4
     layer = LAYERS[kind](u, return_sequences=True)
     _, params, _ = layer.init(jax.random.key(0), (T, F))

@@ -58,6 +58,7 @@ dtype and ``dx`` in ``x``'s dtype, as autodiff gives them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,9 @@ from fbp.nn._base import check_dy, sequence_mask
 _UNROLL = 1  # lax.scan unroll of both recurrences; 2, 4, 7: 1.00x, 1.01x, 1.14x the time (CPU)
 
 WEIGHT_GRADS_MODES = ("auto", "in_scan", "after_scan")
-AUTO_WEIGHT_GRADS = {"SimpleRNN": "after_scan", "LSTM": "in_scan", "GRU": "in_scan"}
+AUTO_WEIGHT_GRADS = MappingProxyType(
+    {"SimpleRNN": "after_scan", "LSTM": "in_scan", "GRU": "in_scan"}
+)
 """What ``weight_grads="auto"`` means per layer: the faster of the two on a 2-core CPU. The time
 of fbp's whole train step (the layer with 128 units, then Dense(10), cross-entropy and Adam; B
 128, T 28, F 28) with in_scan over its time with after_scan measured 0.61-0.80 for the LSTM,
@@ -136,14 +139,10 @@ def _time_mask(name: str, mask: Array | None, x_shape: tuple) -> Array | None:
     return None if mask is None else jnp.transpose(mask)[:, :, None]  # (T, B, 1)
 
 
-def _sigmoid(a: Array) -> Array:
-    return jax.nn.sigmoid(a)
-
-
 # Activations for SimpleRNN: (f, f' written as a function of the output y = f(a)).
 _ACTIVATIONS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
     "tanh": (jnp.tanh, lambda y: 1 - y * y),
-    "sigmoid": (_sigmoid, lambda y: y * (1 - y)),
+    "sigmoid": (jax.nn.sigmoid, lambda y: y * (1 - y)),
     "relu": (jax.nn.relu, lambda y: (y > 0).astype(y.dtype)),  # relu'(0) := 0, as autodiff
     "linear": (lambda a: a, lambda y: jnp.ones_like(y)),
 }
@@ -441,10 +440,10 @@ def LSTM(
             h, c = carry  # (B, u), (B, u)
             xp_t, m_t = inp
             a = xp_t + h @ U  # (B, 4u)
-            i = _sigmoid(a[:, :u])
-            f = _sigmoid(a[:, u : 2 * u])
+            i = jax.nn.sigmoid(a[:, :u])
+            f = jax.nn.sigmoid(a[:, u : 2 * u])
             g = jnp.tanh(a[:, 2 * u : 3 * u])
-            o = _sigmoid(a[:, 3 * u :])
+            o = jax.nn.sigmoid(a[:, 3 * u :])
             cn = f * c + i * g  # (B, u)
             tc = jnp.tanh(cn)
             hn = o * tc  # (B, u)
@@ -564,8 +563,8 @@ def GRU(
         def step(h, inp):  # h: (B, u)
             xp_t, m_t = inp
             hp = h @ U + b_rec  # (B, 3u)
-            z = _sigmoid(xp_t[:, :u] + hp[:, :u])
-            r = _sigmoid(xp_t[:, u : 2 * u] + hp[:, u : 2 * u])
+            z = jax.nn.sigmoid(xp_t[:, :u] + hp[:, :u])
+            r = jax.nn.sigmoid(xp_t[:, u : 2 * u] + hp[:, u : 2 * u])
             hh = hp[:, 2 * u :]
             n = jnp.tanh(xp_t[:, 2 * u :] + r * hh)
             hn = z * h + (1 - z) * n  # (B, u)
