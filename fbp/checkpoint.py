@@ -5,9 +5,9 @@
 
 A checkpoint is the dict ``{"config", "params", "state", "opt_state", "preprocess"}``:
 
-    config      uint8 array of UTF-8 JSON: the settings that built the network (``model``,
-                ``input_shape``, ``outputs``, ``hidden``/``activation`` for an MLP, ...), the
-                data set, the optimizer and the test metrics
+    config      uint8 array of UTF-8 JSON: the settings that built the network (``model``
+                "mlp" or "cnn", ``input_shape``, ``outputs``, ``activation``, and ``hidden``
+                or ``channels``), the data set, the optimizer and the test metrics
     params      the network's params
     state       the network's state (BatchNorm's running statistics), ``()`` entries elsewhere
     opt_state   the optimizer state, to resume training
@@ -48,6 +48,9 @@ def network(config: dict[str, Any]) -> Layer:
     if model == "mlp":
         sizes = [int(h) for h in config["hidden"]] + [int(config["outputs"])]
         return nn.mlp(sizes, config["activation"])
+    if model == "cnn":
+        channels = [int(c) for c in config["channels"]]
+        return nn.cnn(channels, int(config["outputs"]), activation=config["activation"])
     raise ValueError(f"unknown model {model!r}")
 
 

@@ -25,11 +25,18 @@ Optimizer(init, update)
 
 Params, states and caches are plain pytrees (dicts, tuples, NamedTuples of arrays), so ``jit``,
 ``scan``, ``vmap``, sharding and :mod:`fbp.io` checkpoints work on them unchanged.
+
+Equality is structural: each of the three types may carry a ``config``, the hashable recipe
+its constructor was called with (``("Dense", 128, ...)``, ``("adam", 1e-3, 0.9, ...)``), and
+two objects with equal configs (and the same function code) are equal and hash alike, so
+``optim.adam(1e-3)`` built twice is one optimizer to ``jax.jit``'s cache and ``fit`` compiles
+once. Without a config, or with one that does not hash (a dict, an array), equality falls back
+to the identity of the functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,11 +47,42 @@ PyTree = Any
 Shape = tuple[int, ...]
 
 
+def _identity(obj: tuple) -> tuple:
+    """What equality and hashing compare. With a config that hashes: the config, and the code
+    (not the closure) of each function, so that two constructions of the same recipe are
+    equal while a copy with a function replaced (``layer._replace(forward=...)``) is not.
+    Otherwise: the identity of each function and the other fields."""
+    config = obj.config
+    if config is not None:
+        try:
+            hash(config)
+        except TypeError:
+            config = None
+    if config is not None:
+        code = tuple(getattr(f, "__code__", id(f)) if callable(f) else f for f in obj[:-1])
+        return (type(obj).__name__, config, code)
+    return (type(obj).__name__, *(id(f) if callable(f) else f for f in obj[:-1]))
+
+
+class _Structural:
+    """Equality and hashing by :func:`_identity` (mixed into the NamedTuples below)."""
+
+    def __eq__(self, other):
+        return type(other) is type(self) and _identity(self) == _identity(other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(_identity(self))
+
+
 class Layer(NamedTuple):
     """A layer: three pure functions (see the module docstring), a name and its children.
 
     ``layers`` lists a combinator's children and ``child_shapes(input_shape)`` the input shape
     each child sees (used by :func:`fbp.nn.summary`); both are empty for a plain layer.
+    ``config`` is the constructor's recipe (see the module docstring on equality).
     """
 
     init: Callable[..., tuple[Any, PyTree, PyTree]]
@@ -53,6 +91,9 @@ class Layer(NamedTuple):
     name: str = "Layer"
     layers: tuple[Layer, ...] = ()
     child_shapes: Callable[[Any], Sequence[Any]] | None = None
+    config: Hashable | None = None
+
+    __eq__, __ne__, __hash__ = _Structural.__eq__, _Structural.__ne__, _Structural.__hash__
 
     def apply(
         self,
@@ -77,6 +118,9 @@ class Loss(NamedTuple):
     value: Callable[..., Array]
     value_and_grad: Callable[..., tuple[Array, Array]]
     name: str = "loss"
+    config: Hashable | None = None
+
+    __eq__, __ne__, __hash__ = _Structural.__eq__, _Structural.__ne__, _Structural.__hash__
 
     def __call__(self, pred: Array, target: Array, mask: Array | None = None) -> Array:
         return self.value(pred, target, mask)
@@ -95,6 +139,9 @@ class Optimizer(NamedTuple):
     init: Callable[[PyTree], PyTree]
     update: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
     name: str = "optimizer"
+    config: Hashable | None = None
+
+    __eq__, __ne__, __hash__ = _Structural.__eq__, _Structural.__ne__, _Structural.__hash__
 
     def __repr__(self) -> str:
         return self.name

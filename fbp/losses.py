@@ -127,6 +127,7 @@ def _elementwise(
     loss: Callable[[Array, Array], Array],
     loss_and_grad: Callable[[Array, Array], tuple[Array, Array]],
     doc: str,
+    config=None,
 ) -> Loss:
     """A Loss ``mean(l(pred, target))`` from the per-element ``loss`` and ``loss_and_grad``
     (which returns ``l`` and ``dl/dp``, elementwise); ``dpred = dl/dp / n`` on the ``n``
@@ -145,7 +146,7 @@ def _elementwise(
         return _masked_mean(l, w, n), dl * scale
 
     value.__doc__ = value_and_grad.__doc__ = doc
-    return Loss(value, value_and_grad, name)
+    return Loss(value, value_and_grad, name, config)
 
 
 _MSE_DOC = """Mean squared error, the mean over every element.
@@ -225,7 +226,8 @@ def huber(delta: float = 1.0) -> Loss:
         l = clipped * (d - 0.5 * clipped)  # d^2/2 inside, delta (|d| - delta/2) outside
         return l, clipped  # dl/dp = d inside, delta sign(d) outside
 
-    return _elementwise(f"huber(delta={delta})", loss, loss_and_grad, huber.__doc__)
+    return _elementwise(f"huber(delta={delta})", loss, loss_and_grad, huber.__doc__,
+                        ("huber", delta))  # fmt: skip
 
 
 _SIGMOID_BCE_DOC = """Binary cross-entropy from logits, the mean over every element.
@@ -320,7 +322,7 @@ def softmax_cross_entropy_smoothed(label_smoothing: float) -> Loss:
         return _masked_mean(l, w, n), dx
 
     value.__doc__ = value_and_grad.__doc__ = softmax_cross_entropy_smoothed.__doc__
-    return Loss(value, value_and_grad, name)
+    return Loss(value, value_and_grad, name, ("softmax_cross_entropy", a))
 
 
 softmax_cross_entropy = softmax_cross_entropy_smoothed(0.0)

@@ -287,7 +287,8 @@ def sgd(
         new_state = SgdState(count=_increment(state.count), trace=trace if use_trace else None)
         return new_params, new_state
 
-    return Optimizer(init, update, f"sgd({_show_lr(learning_rate)})")
+    config = ("sgd", learning_rate, momentum, nesterov, acc_dtype)
+    return Optimizer(init, update, f"sgd({_show_lr(learning_rate)})", config)
 
 
 def rmsprop(
@@ -391,7 +392,9 @@ def rmsprop(
         )
         return new_params, new_state
 
-    return Optimizer(init, update, f"rmsprop({_show_lr(learning_rate)})")
+    config = ("rmsprop", learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered,
+              momentum, nesterov, bias_correction)  # fmt: skip
+    return Optimizer(init, update, f"rmsprop({_show_lr(learning_rate)})", config)
 
 
 def _decay_mask(name: str, mask, params: PyTree, treedef) -> list:
@@ -462,7 +465,9 @@ def _adam(
         )
         return new_params, AdamState(count=count, mu=mu, nu=nu)
 
-    return Optimizer(init, update, f"{name}({_show_lr(learning_rate)})")
+    config = (name, learning_rate, b1, b2, eps, eps_root, mu_dt, weight_decay, mask, nesterov,
+              eps_hat)  # fmt: skip
+    return Optimizer(init, update, f"{name}({_show_lr(learning_rate)})", config)
 
 
 def adam(
@@ -606,4 +611,5 @@ def clip_by_global_norm(optimizer: Optimizer, max_norm: float) -> Optimizer:
 
         return optimizer.update(jax.tree.map(clip, grads), params, state)
 
-    return Optimizer(optimizer.init, update, f"clip_by_global_norm({optimizer.name}, {max_norm})")
+    name = f"clip_by_global_norm({optimizer.name}, {max_norm})"
+    return Optimizer(optimizer.init, update, name, ("clip_by_global_norm", optimizer, max_norm))

@@ -27,8 +27,10 @@ objects and on the shapes and dtypes of the arrays. The module keeps no mutable 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
+import os
 import sys
 import time
 import warnings
@@ -39,9 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fbp import io
 from fbp import metrics as metrics_lib
 from fbp.backprop import forward_backward
 from fbp.core import Array, Layer, Loss, Optimizer, PyTree
+from fbp.losses import check_labels
+from fbp.nn import output_shape
 
 History = dict[str, list[float]]
 
@@ -233,6 +238,11 @@ def _as_input(X, params: PyTree) -> Array:
     return jax.device_put(X)
 
 
+@functools.partial(jax.jit, static_argnames=("optimizer",))
+def _init_opt_state(params, *, optimizer):
+    return optimizer.init(params)
+
+
 def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | None) -> PyTree:
     """``opt_state`` rebuilt with the exact tree type ``optimizer.init(params)`` has.
 
@@ -240,8 +250,8 @@ def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | Non
     NamedTuple classes, which ``lax.scan`` would reject as a different carry. Same leaf paths,
     shapes and dtypes are required; anything else is an error, never a reinterpretation.
     """
-    if opt_state is None:
-        return jax.jit(optimizer.init)(params)  # one small program, not an eager op per leaf
+    if opt_state is None:  # one small program, not an eager op per leaf; cached by config
+        return _init_opt_state(params, optimizer=optimizer)
     template = jax.eval_shape(optimizer.init, params)
     got = jax.tree_util.tree_flatten_with_path(opt_state)[0]
     want = jax.tree_util.tree_flatten_with_path(template)[0]
@@ -258,6 +268,13 @@ def _conform_state(optimizer: Optimizer, params: PyTree, opt_state: PyTree | Non
     return jax.tree.unflatten(jax.tree.structure(template), [a for _, a in got])
 
 
+def _check_int(where: str, name: str, value, minimum: int) -> int:
+    """An int (numpy ints too, not bools or floats) of at least ``minimum``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
 def _check_data(where: str, X, y) -> tuple[Any, Array]:
     """``X`` as an array (numpy stays numpy until :func:`_as_input`), ``y`` on the device."""
     X = X if isinstance(X, (np.ndarray, jax.Array)) else np.asarray(X)
@@ -272,6 +289,16 @@ def _check_data(where: str, X, y) -> tuple[Any, Array]:
     return X, y
 
 
+def _check_labels(where: str, net: Layer, X, y) -> None:
+    """Integer labels against the network's number of outputs, on the host, before compiling:
+    labels of shape ``out[:-1]`` per example must lie in ``[0, out[-1])``."""
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        return
+    out = output_shape(net, tuple(X.shape[1:]))
+    if isinstance(out, tuple) and out and tuple(y.shape[1:]) == tuple(out[:-1]):
+        check_labels(np.asarray(y), out[-1], f"{where}: y")
+
+
 def evaluate(
     net: Layer,
     loss: Loss,
@@ -283,21 +310,123 @@ def evaluate(
     metrics: Sequence[str | Callable] = (),
 ) -> dict[str, float]:
     """Mean loss and metrics over ``data = (X, y)``, in evaluation mode (``train=False``: no
-    Dropout, BatchNorm's running statistics), computed in batches."""
+    Dropout, BatchNorm's running statistics), computed in batches of at most ``batch_size``.
+    Integer labels out of the network's range raise ``ValueError`` before anything runs."""
     X, y = _check_data("evaluate", *data)
+    batch_size = min(_check_int("evaluate", "batch_size", batch_size, 1), X.shape[0])
+    _check_labels("evaluate", net, X, y)
     X = _as_input(X, params)
     metric_fns = metrics_lib.resolve(metrics)
     values = _evaluate(
-        params, state, X, y, net=net, loss=loss, batch_size=int(batch_size), metric_fns=metric_fns
+        params, state, X, y, net=net, loss=loss, batch_size=batch_size, metric_fns=metric_fns
     )
     names = ["loss"] + [name for name, _ in metric_fns]
     return dict(zip(names, np.asarray(values).tolist(), strict=True))
 
 
 def predict(net: Layer, params: PyTree, state: PyTree, X: Any, *, batch_size: int = 256) -> Array:
-    """``net.apply(params, state, X)`` in evaluation mode, computed in batches."""
-    X = _as_input(X if isinstance(X, (np.ndarray, jax.Array)) else np.asarray(X), params)
-    return _predict(params, state, X, net=net, batch_size=int(batch_size))
+    """``net.apply(params, state, X)`` in evaluation mode, computed in batches of at most
+    ``batch_size``. An empty ``X`` gives an empty array of the output's shape."""
+    X = X if isinstance(X, (np.ndarray, jax.Array)) else np.asarray(X)
+    batch_size = _check_int("predict", "batch_size", batch_size, 1)
+    if X.ndim == 0:
+        raise ValueError(f"predict: X needs a batch axis, got a scalar {X!r}.")
+    X = _as_input(X, params)
+    if X.shape[0] == 0:
+        example = jax.ShapeDtypeStruct((1, *X.shape[1:]), X.dtype)
+        out = jax.eval_shape(lambda p, s, x: net.apply(p, s, x), params, state, example)
+        return jnp.zeros((0, *out.shape[1:]), out.dtype)
+    return _predict(params, state, X, net=net, batch_size=min(batch_size, X.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backups: fit(..., backup_dir=...) resumes a killed run (Keras's BackupAndRestore)
+
+_BACKUP_FILE = "backup.npz"
+_BACKUP_FORMAT = "fbp.train backup"
+
+
+def _backup_identity(net, loss, optimizer, X, y, batch_size, key, shuffle) -> dict:
+    """What a backup must agree on to be resumed: the run, not its length (``epochs``)."""
+    return {
+        "network": net.name,
+        "loss": loss.name,
+        "optimizer": optimizer.name,
+        "batch_size": batch_size,
+        "shuffle": bool(shuffle),
+        "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
+        "data": [list(X.shape), str(X.dtype), list(y.shape), str(y.dtype)],
+    }
+
+
+def _describe_leaves(tree) -> list:
+    return [
+        (jax.tree_util.keystr(path), tuple(np.shape(a)), str(jnp.result_type(a)))
+        for path, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def _read_backup(path: str, identity: dict, params, state, optimizer) -> dict | None:
+    """The backup at ``path`` if there is one: ``{"epoch", "params", "state", "opt_state",
+    "history", "stopper"}``; ValueError if it is a backup of another run."""
+    if not os.path.exists(path):
+        return None
+    raw = io.load(path)
+    try:
+        meta = json.loads(bytes(np.asarray(raw["meta"], np.uint8)).decode("utf-8"))
+        assert meta.pop("format") == _BACKUP_FORMAT
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise io.CheckpointError(f"{path}: not a backup written by fbp.train.fit.") from None
+    differ = [k for k in identity if meta.get(k) != identity[k]]
+    if differ:
+        shown = "; ".join(f"{k}: backup {meta.get(k)!r}, this run {identity[k]!r}" for k in differ)
+        raise ValueError(
+            f"fit: {path} is a backup of a different run ({shown}). Pass another backup_dir, "
+            "or delete the backup to start afresh."
+        )
+    for name, mine in (("params", params), ("state", state)):
+        if _describe_leaves(raw[name]) != _describe_leaves(mine):
+            raise ValueError(
+                f"fit: {path} holds {name} of another shape than this run's; pass another "
+                "backup_dir, or delete the backup to start afresh."
+            )
+
+    def trees(p, s, o):  # the file's leaves in this run's tree types
+        p = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(p))
+        s = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(s))
+        return p, s, _conform_state(optimizer, p, o)
+
+    stopper = raw["stopper"]
+    if stopper is not None and stopper["best_state"] is not None:
+        stopper = {**stopper, "best_state": trees(*stopper["best_state"])}
+    params, state, opt_state = trees(raw["params"], raw["state"], raw["opt_state"])
+    return {
+        "epoch": int(raw["epoch"]),
+        "history": {k: np.asarray(v).tolist() for k, v in raw["history"].items()},
+        "stopper": stopper,
+        "params": params,
+        "state": state,
+        "opt_state": opt_state,
+    }
+
+
+def _write_backup(path, identity, epoch, params, state, opt_state, history, stopper) -> None:
+    """Atomically (fbp.io.save), and from process 0 only in a multi-process run."""
+    if jax.process_index() != 0:
+        return
+    meta = json.dumps({"format": _BACKUP_FORMAT, **identity}).encode("utf-8")
+    io.save(
+        path,
+        {
+            "meta": np.frombuffer(meta, np.uint8),
+            "epoch": np.int64(epoch),
+            "params": params,
+            "state": state,
+            "opt_state": opt_state,
+            "history": {k: np.asarray(v, np.float64) for k, v in history.items()},
+            "stopper": stopper.snapshot() if stopper else None,
+        },
+    )
 
 
 def fit(
@@ -319,6 +448,8 @@ def fit(
     shuffle: bool = True,
     early_stopping: EarlyStopping | None = None,
     unroll: int = 1,
+    backup_dir: str | os.PathLike | None = None,
+    backup_every: int = 1,
 ) -> tuple[PyTree, PyTree, PyTree, History]:
     """Train ``net`` on ``data = (X, y)`` for epochs ``initial_epoch .. epochs - 1``.
 
@@ -332,25 +463,55 @@ def fit(
 
     The loss must be a mean over examples that honours a mask (every :mod:`fbp.losses` loss
     does): the last partial batch is padded to ``batch_size`` and its padding masked out.
+    Integer labels are checked against the network's number of outputs first, on the host.
 
     ``key`` seeds shuffling (numpy, seeded by ``(key, e)``) and Dropout (``fold_in(key, e)``,
     then the step index) in epoch ``e``; nothing else is random. ``verbose=1`` prints one
     line per epoch (and a progress bar during epochs longer than 2 s on a terminal); ``0`` is
     silent. A non-finite loss stops training with a warning and returns the params from before
     that epoch. ``unroll`` is passed to ``lax.scan``.
+
+    ``backup_dir`` (Keras's ``BackupAndRestore``): after every ``backup_every`` epochs, and
+    after the last, the params, state, optimizer state, epoch, history and early-stopping
+    bookkeeping are written atomically to ``backup_dir/backup.npz``. When that file exists at
+    the start, ``fit`` resumes from it, so a killed run restarted with the same call ends with
+    the same params, bit for bit, as a run never killed. A backup of another run (another
+    network, loss, optimizer, batch size, key, shuffling or data shape) is refused with a
+    ``ValueError``. The backup is deleted when ``fit`` returns normally.
     """
     X, y = _check_data("fit", *data)
-    X = _as_input(X, params)
-    if not (isinstance(batch_size, numbers.Integral) and batch_size > 0):
-        raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}.")
-    batch_size = int(batch_size)
-    if not 0 <= initial_epoch <= epochs:
-        raise ValueError(f"fit: need 0 <= initial_epoch <= epochs, got {initial_epoch}, {epochs}.")
+    epochs = _check_int("fit", "epochs", epochs, 0)
+    initial_epoch = _check_int("fit", "initial_epoch", initial_epoch, 0)
+    batch_size = _check_int("fit", "batch_size", batch_size, 1)
+    backup_every = _check_int("fit", "backup_every", backup_every, 1)
+    if not initial_epoch <= epochs:
+        raise ValueError(f"fit: need initial_epoch <= epochs, got {initial_epoch}, {epochs}.")
     batch_size = min(batch_size, X.shape[0])
+    _check_labels("fit", net, X, y)
+    X = _as_input(X, params)
     metric_fns = metrics_lib.resolve(metrics)
     if validation_data is not None:
         X_val, y_val = _check_data("fit (validation_data)", *validation_data)
+        _check_labels("fit (validation_data)", net, X_val, y_val)
         validation_data = (_as_input(X_val, params), y_val)
+    history: History = {}
+    log_names = ["loss"] + [name for name, _ in metric_fns]
+    if validation_data is not None:
+        log_names += [f"val_{name}" for name in log_names]
+    stopper = _Stopper(early_stopping, log_names) if early_stopping else None
+    backup = None
+    if backup_dir is not None:
+        os.makedirs(backup_dir, exist_ok=True)
+        backup = os.path.join(os.fspath(backup_dir), _BACKUP_FILE)
+        identity = _backup_identity(net, loss, optimizer, X, y, batch_size, key, shuffle)
+        restored = _read_backup(backup, identity, params, state, optimizer)
+        if restored is not None:
+            params, state, opt_state = (restored[k] for k in ("params", "state", "opt_state"))
+            initial_epoch, history = restored["epoch"], restored["history"]
+            if stopper and restored["stopper"] is not None:
+                stopper.restore(restored["stopper"])
+            if verbose:
+                print(f"Resuming from {backup} after epoch {initial_epoch}.", flush=True)
     opt_state = _conform_state(optimizer, params, opt_state)
     run_epoch = functools.partial(
         _run_epoch, net=net, loss=loss, optimizer=optimizer, batch_size=batch_size,
@@ -359,12 +520,10 @@ def fit(
     seed = np.asarray(jax.random.key_data(key)).ravel().tolist()  # uint32 words of the key
     n_steps = math.ceil(X.shape[0] / batch_size)
 
-    history: History = {}
-    log_names = ["loss"] + [name for name, _ in metric_fns]
-    if validation_data is not None:
-        log_names += [f"val_{name}" for name in log_names]
-    stopper = _Stopper(early_stopping, log_names) if early_stopping else None
+    stopped = stopper is not None and stopper.stopped
     for epoch in range(initial_epoch, epochs):
+        if stopped:
+            break
         t0 = time.perf_counter()
         order = _epoch_order(seed, epoch, X.shape[0], batch_size, shuffle)
         started = np.float32(t0 - _T0)
@@ -404,17 +563,20 @@ def fit(
                 f"({1e3 * took / n_steps:.1f}ms/step) - {shown}",
                 flush=True,
             )
-        if stopper and stopper.done(epoch, logs, (params, state, opt_state)):
-            if verbose:
-                print(
-                    f"Early stopping: {stopper.cfg.monitor} has not improved for "
-                    f"{stopper.cfg.patience} epochs; best was epoch {stopper.best_epoch + 1} "
-                    f"({stopper.best:.4f}).",
-                    flush=True,
-                )
-            break
+        stopped = bool(stopper and stopper.done(epoch, logs, (params, state, opt_state)))
+        if backup and ((epoch + 1) % backup_every == 0 or epoch + 1 == epochs or stopped):
+            _write_backup(backup, identity, epoch + 1, params, state, opt_state, history, stopper)
+        if stopped and verbose:
+            print(
+                f"Early stopping: {stopper.cfg.monitor} has not improved for "
+                f"{stopper.cfg.patience} epochs; best was epoch {stopper.best_epoch + 1} "
+                f"({stopper.best:.4f}).",
+                flush=True,
+            )
     if stopper and stopper.cfg.restore_best and stopper.best_state is not None:
         params, state, opt_state = stopper.best_state
+    if backup and jax.process_index() == 0 and os.path.exists(backup):
+        os.remove(backup)  # as Keras's BackupAndRestore: a finished run leaves no backup
     return params, state, opt_state, history
 
 
@@ -437,6 +599,7 @@ class _Stopper:
         self.cfg, self.better = cfg, (np.less if mode == "min" else np.greater)
         self.min_delta = -cfg.min_delta if mode == "min" else cfg.min_delta
         self.best, self.best_epoch, self.best_state, self.wait = None, -1, None, 0
+        self.stopped = False
 
     def done(self, epoch: int, logs: dict, trees: tuple) -> bool:
         value = logs[self.cfg.monitor]
@@ -446,4 +609,22 @@ class _Stopper:
                 self.best_state = trees
             return False
         self.wait += 1
-        return self.wait >= self.cfg.patience  # as Keras: patience non-improving epochs
+        self.stopped = self.wait >= self.cfg.patience  # as Keras: patience non-improving epochs
+        return self.stopped
+
+    def snapshot(self) -> dict:
+        """The bookkeeping, for a backup: plain numbers, and the best trees if kept."""
+        return {
+            "best": np.float64(np.nan if self.best is None else self.best),
+            "best_epoch": np.int64(self.best_epoch),
+            "wait": np.int64(self.wait),
+            "stopped": np.bool_(self.stopped),
+            "best_state": self.best_state,
+        }
+
+    def restore(self, snap: dict) -> None:
+        best = float(snap["best"])
+        self.best = None if np.isnan(best) else best
+        self.best_epoch, self.wait = int(snap["best_epoch"]), int(snap["wait"])
+        self.stopped = bool(snap["stopped"])
+        self.best_state = snap["best_state"]

@@ -5,9 +5,12 @@ faster than a subprocess per case; one subprocess checks the ``python -m fbp`` e
 """
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,13 @@ import pytest
 
 from fbp import checkpoint, cli, datasets, io, metrics, nn, optim
 from fbp.core import Layer
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_cache_in_process(monkeypatch):
+    """In-process runs must not switch on JAX's persistent cache for the rest of the tests; a
+    subprocess test below checks the real thing."""
+    monkeypatch.setattr(cli, "enable_compile_cache", lambda directory: None)
 
 
 def _number(pattern: str, text: str) -> float:
@@ -179,7 +189,19 @@ def test_check_exits_1_when_a_gradient_is_wrong(capsys, monkeypatch):
     "argv, expected",
     [
         (["--help"], ["train", "check", "COMMAND --help"]),
-        (["train", "--help"], ["--data", "--hidden", "--activation", "--output", "examples:"]),
+        (
+            ["train", "--help"],
+            [
+                "--data",
+                "--model",
+                "--hidden",
+                "--channels",
+                "--output",
+                "--backup-dir",
+                "--no-compile-cache",
+                "examples:",
+            ],
+        ),
         (["check", "--help"], ["--loss", "--layernorm", "--dropout", "Exit status"]),
     ],
 )
@@ -200,14 +222,56 @@ def test_help(capsys, argv, expected):
         (["train", "--data", "cifar"], "invalid choice"),
         (["train", "--lr", "-1"], "positive float"),
         (["train", "--test-size", "1.5"], "fraction in (0, 1)"),
+        (["train", "--test-size", "1.0"], "fraction in (0, 1) such as 0.2, or a whole count"),
+        (["train", "--seed", "-1"], "an int in [0, 2**32 - 1], got '-1'"),
+        (["train", "--seed", str(2**40)], "an int in [0, 2**32 - 1]"),
+        (["train", "--output", ""], "--output: expected a file path, got an empty string"),
+        (["train", "--output", "/no/such/dir/c.npz"], "the directory '/no/such/dir' does not"),
+        (["train", "--output", "/proc/c.npz"], "cannot write into '/proc'"),
+        (["train", "--backup-dir", ""], "--backup-dir: expected a directory path"),
+        (["train", "--model", "cnn", "--data", "diabetes"], "--model cnn needs images"),
         (["check", "--dropout", "1.0"], "drop probability"),
+        (["check", "--model", "cnn", "--hidden", ""], "needs at least one conv block"),
     ],
 )
-def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
+def test_bad_arguments_exit_2_with_one_line_before_any_training(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1, captured.err  # one line, no traceback
+    assert "Epoch" not in captured.out and "Traceback" not in captured.err
+
+
+def test_output_directory_that_is_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--output", str(tmp_path / "afile" / "c.npz")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_diverged_run_exits_3_and_leaves_an_existing_checkpoint_alone(capsys, tmp_path):
+    path = tmp_path / "c.npz"
+    path.write_bytes(b"the previous checkpoint")
+    argv = ["train", "--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--quiet"]
+    assert cli.main([*argv, "--output", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "was not written" in err
+    assert path.read_bytes() == b"the previous checkpoint"
+
+
+def test_train_and_check_a_cnn(capsys, tmp_path):
+    path = tmp_path / "cnn.npz"
+    argv = ["train", "--model", "cnn", "--channels", "4,8", "--epochs", "2", "--quiet"]
+    assert cli.main([*argv, "--output", str(path)]) == 0
+    assert _number(r"test accuracy: ([0-9.]+)", capsys.readouterr().out) > 0.5
+    net, ck = checkpoint.load(path)
+    assert ck.config["model"] == "cnn" and ck.config["input_shape"] == [8, 8, 1]
+    assert net.name.startswith("serial(Conv2D(4, 3x3, same), BatchNorm, Relu, MaxPool2D")
+    assert cli.main(["check", "--model", "cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "GlobalAvgPool" in out and out.rstrip().splitlines()[-1].startswith("OK:")
 
 
 def test_python_dash_m_fbp_entry_point():
@@ -223,3 +287,80 @@ def test_hidden_empty_gives_a_linear_model():
     assert cli._sizes("128, 64") == (128, 64)
     config = {"model": "mlp", "hidden": [], "activation": "relu", "outputs": 3}
     assert checkpoint.network(config).name == nn.serial(nn.Dense(3)).name
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+def _fbp(args, env, timeout=240, **kw):
+    cmd = [sys.executable, "-m", "fbp", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)  # fmt: skip
+
+
+def _env(tmp_path):
+    return {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+
+
+def test_training_killed_at_random_moments_resumes_to_the_same_final_params(tmp_path):
+    """SIGKILL a `train --backup-dir` run at random moments after a backup exists, three times,
+    restart the same command each time: the final checkpoint's params, state and optimizer
+    state are bit-identical to those of a run never killed."""
+    env = _env(tmp_path)
+    common = ["train", "--data", "mnist5k", "--hidden", "32", "--epochs", "12", "--quiet",
+              "--no-compile-cache", "--seed", "5"]  # fmt: skip
+    ref = _fbp([*common, "--output", str(tmp_path / "ref.npz")], env)
+    assert ref.wait(timeout=240) == 0, ref.stderr.read()
+
+    backup = tmp_path / "runs" / "backup.npz"
+    run = [*common, "--backup-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "out.npz")]
+    rng = np.random.default_rng(0)
+    epochs_seen = []
+    for _ in range(3):
+        proc = _fbp(run, env)
+        deadline = time.monotonic() + 240
+        while not backup.exists() or (epochs_seen and _backup_epoch(backup) <= epochs_seen[-1]):
+            assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no backup appeared"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        epochs_seen.append(_backup_epoch(backup))
+    assert epochs_seen == sorted(epochs_seen) and epochs_seen[-1] < 12  # resumed, not restarted
+    final = _fbp(run, env)
+    assert final.wait(timeout=240) == 0, final.stderr.read()
+    assert not backup.exists()  # a finished run leaves no backup
+    ref_tree, out_tree = io.load(tmp_path / "ref.npz"), io.load(tmp_path / "out.npz")
+    for name in ("params", "state", "opt_state"):
+        for a, b in zip(jax.tree.leaves(ref_tree[name]), jax.tree.leaves(out_tree[name]),
+                        strict=True):  # fmt: skip
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+
+
+def _backup_epoch(path) -> int:
+    for _ in range(50):  # the file may be replaced while we read it: retry
+        try:
+            return int(io.load(path)["epoch"])
+        except (OSError, io.CheckpointError):
+            time.sleep(0.01)
+    raise AssertionError(f"cannot read {path}")
+
+
+def test_a_second_identical_run_compiles_nothing(tmp_path):
+    """The persistent compilation cache (on by default): the first run fills it, the second
+    finds every program there and adds no entry; --no-compile-cache leaves it alone."""
+    env = _env(tmp_path)
+    argv = ["train", "--epochs", "2", "--quiet", "--hidden", "16"]
+    first = _fbp(argv, env)
+    assert first.wait(timeout=240) == 0, first.stderr.read()
+    cache = tmp_path / "cache" / "fbp" / "jax"
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run should fill the cache"
+    second = _fbp(argv, env)
+    assert second.wait(timeout=240) == 0, second.stderr.read()
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    off_env = {**env, "XDG_CACHE_HOME": str(tmp_path / "other")}
+    off = _fbp([*argv, "--no-compile-cache"], off_env)
+    assert off.wait(timeout=240) == 0, off.stderr.read()
+    assert not (tmp_path / "other").exists()

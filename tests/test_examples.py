@@ -18,6 +18,7 @@ EXAMPLES = ROOT / "examples"
 SCRIPTS = [
     "backprop_walkthrough.py",
     "binary_breast_cancer.py",
+    "cnn_mnist.py",
     "gradient_check.py",
     "gradient_norms.py",
     "keras_digits.py",
@@ -184,3 +185,12 @@ def test_backprop_walkthrough(outputs):
     losses = _numbers(r"after step \d: loss ([0-9.]+)", out)
     assert losses == sorted(losses, reverse=True)  # each step lowers the loss
     assert "the loss went down" in out and out.rstrip().endswith("True")
+
+
+def test_cnn_mnist(outputs):
+    out, _ = _run(outputs, "cnn_mnist.py")
+    assert "Conv2D(16, 3x3, same)" in out and "total params: 20,586" in out
+    assert "Epoch 2/2" in out
+    assert (
+        _numbers(r"test accuracy: ([0-9.]+)", out)[0] > 0.4
+    )  # 2 epochs on 1000 (~0.56); 0.97 full

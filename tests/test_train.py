@@ -459,3 +459,92 @@ def test_batch_size_may_be_a_numpy_integer():
                                  batch_size=np.int64(4), key=jax.random.key(0),
                                  verbose=0)  # fmt: skip
     assert int(opt_state.count) == 3
+
+
+# ---------------------------------------------------------------- backups (BackupAndRestore)
+
+
+def test_a_run_interrupted_after_a_backup_resumes_to_the_same_bits(tmp_path, monkeypatch, capsys):
+    net = nn.serial(nn.Dense(16), nn.BatchNorm(), nn.Relu, nn.Dropout(0.2), nn.Dense(10))
+    X, y = datasets.load_digits(scale=True)
+    X, y = X[:200], y[:200]
+    (params0, state0), opt = init(net, 64), optim.adam(1e-3)
+    stop = train.EarlyStopping("loss", patience=50)
+    kw = dict(epochs=5, batch_size=32, key=jax.random.key(3), verbose=0, metrics=["accuracy"],
+              early_stopping=stop)  # fmt: skip
+    want = train.fit(net, CE, opt, params0, state0, (X, y), **kw)
+
+    write = train._write_backup
+
+    def write_then_die(path, identity, epoch, *args):
+        write(path, identity, epoch, *args)
+        if epoch == 2:
+            raise KeyboardInterrupt  # as if killed right after the backup of epoch 2
+
+    monkeypatch.setattr(train, "_write_backup", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(net, CE, opt, params0, state0, (X, y), backup_dir=tmp_path, **kw)
+    assert (tmp_path / "backup.npz").exists()
+    monkeypatch.setattr(train, "_write_backup", write)
+    capsys.readouterr()
+    got = train.fit(
+        net, CE, opt, params0, state0, (X, y), backup_dir=tmp_path, **{**kw, "verbose": 1}
+    )
+    out = capsys.readouterr().out
+    assert "after epoch 2" in out and "Epoch 3/5" in out and "Epoch 2/5" not in out  # resumed
+    assert tree_equal(got[:3], want[:3])
+    assert got[3] == want[3]  # the history of the epochs before the interruption is restored
+    assert not (tmp_path / "backup.npz").exists()  # removed once the run is complete
+
+
+def test_a_backup_of_another_run_is_refused(tmp_path, monkeypatch):
+    X = jax.random.normal(jax.random.key(0), (40, 5), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (40,), 0, 3)
+    write = train._write_backup
+
+    def write_then_die(*args):
+        write(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_write_backup", write_then_die)
+    net, kw = mlp(8, 3), dict(epochs=3, key=jax.random.key(2), verbose=0, backup_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(net, CE, optim.sgd(0.1), *init(net, 5), (X, y), **kw)
+    monkeypatch.setattr(train, "_write_backup", write)
+    other = nn.mlp([8, 3], "tanh")
+    with pytest.raises(ValueError, match=r"backup of a different run \(network: backup 'serial"):
+        train.fit(other, CE, optim.sgd(0.1), *init(other, 5), (X, y), **kw)
+    with pytest.raises(ValueError, match=r"optimizer: backup 'sgd\(0.1\)', this run 'adam"):
+        train.fit(net, CE, optim.adam(0.1), *init(net, 5), (X, y), **kw)
+    wider = mlp(9, 3)
+    with pytest.raises(ValueError, match="network"):
+        train.fit(wider, CE, optim.sgd(0.1), *init(wider, 5), (X, y), **kw)
+
+
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: (
+        COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+)
+
+
+def test_a_second_fit_with_an_equal_configuration_compiles_nothing():
+    """Network, loss and optimizer built anew, equal in configuration: fit reuses every
+    compiled program (they are keyed by structure, not identity)."""
+    X = jax.random.normal(jax.random.key(0), (50, 4), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (50,), 0, 3)
+
+    def run():
+        net = nn.mlp([8, 3], norm="batch", dropout=0.1)
+        params, state = init(net, 4)
+        return train.fit(net, losses.softmax_cross_entropy,
+                         optim.adam(1e-3), params, state, (X, y), epochs=2, batch_size=16,
+                         key=jax.random.key(2), verbose=0, metrics=["accuracy"],
+                         validation_data=(X, y))  # fmt: skip
+
+    run()
+    before = len(COMPILES)
+    run()
+    assert len(COMPILES) == before
+    assert nn.mlp([8, 3]) != nn.mlp([8, 4]) and optim.adam(1e-3) != optim.adam(1e-2)

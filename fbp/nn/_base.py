@@ -56,6 +56,7 @@ def stateless(
     bwd: Callable[[PyTree, Array], Array],
     out_shape: Callable[[Shape], Shape] = lambda s: s,
     dy_shape: Callable[[PyTree], tuple] | None = lambda cache: cache.shape,
+    config=None,
 ) -> Layer:
     """A layer without params or state from ``fwd(x) -> (y, cache)`` and ``bwd(cache, dy) -> dx``.
 
@@ -76,7 +77,7 @@ def stateless(
             check_dy(name, dy_shape(cache), dy)
         return (), bwd(cache, dy)
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, config=config)
 
 
 def output_shape(layer: Layer, input_shape):

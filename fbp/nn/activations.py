@@ -55,7 +55,8 @@ def LeakyRelu(negative_slope: float = 0.01) -> Layer:
     def bwd(y, dy):
         return jnp.where(y > 0, dy, negative_slope * dy)
 
-    return stateless(f"LeakyRelu({negative_slope})", fwd, bwd)
+    return stateless(f"LeakyRelu({negative_slope})", fwd, bwd,
+                     config=("LeakyRelu", negative_slope))  # fmt: skip
 
 
 def Elu(alpha: float = 1.0) -> Layer:
@@ -76,7 +77,7 @@ def Elu(alpha: float = 1.0) -> Layer:
     def bwd(y, dy):
         return jnp.where(y > 0, dy, (y + alpha) * dy)
 
-    return stateless(f"Elu({alpha})", fwd, bwd)
+    return stateless(f"Elu({alpha})", fwd, bwd, config=("Elu", alpha))
 
 
 _INV_SQRT2 = 1 / math.sqrt(2)

@@ -62,6 +62,14 @@ def _per_child(name: str, what: str, tree, n: int) -> None:
         )  # fmt: skip
 
 
+def _as_list(input_shape) -> list:
+    return list(input_shape)
+
+
+def _alone(input_shape) -> list:
+    return [input_shape]
+
+
 def serial(*layers: Layer) -> Layer:
     """Compose layers: forward in order, backward in reverse (the chain rule, layer by layer).
 
@@ -104,7 +112,7 @@ def serial(*layers: Layer) -> Layer:
             input_shape = output_shape(layer, input_shape)
         return shapes
 
-    return Layer(init, forward, backward, name, layers, child_shapes)
+    return Layer(init, forward, backward, name, layers, child_shapes, ("serial", layers))
 
 
 def FanOut(n: int) -> Layer:
@@ -136,7 +144,7 @@ def FanOut(n: int) -> Layer:
             dx = dx + dy  # the fork: gradients of every use add up
         return (), dx
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, config=("FanOut", n))
 
 
 def parallel(*layers: Layer) -> Layer:
@@ -178,7 +186,7 @@ def parallel(*layers: Layer) -> Layer:
         out = [_at(layers, i, layers[i].backward, params[i], caches[i], dys[i]) for i in range(n)]
         return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
-    return Layer(init, forward, backward, name, layers, lambda input_shape: list(input_shape))
+    return Layer(init, forward, backward, name, layers, _as_list, ("parallel", layers))
 
 
 def _fan_in(name: str, x) -> None:
@@ -284,7 +292,7 @@ def FanInConcat(axis: int = -1) -> Layer:
             cuts.append(total)
         return (), tuple(jnp.split(dy, cuts, axis=a))  # each branch gets its own slice
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, config=("FanInConcat", axis))
 
 
 def residual(layer: Layer) -> Layer:
@@ -317,4 +325,4 @@ def residual(layer: Layer) -> Layer:
         dparams, dx_layer = layer.backward(params, cache, dy)
         return dparams, dy + dx_layer  # skip path + layer path
 
-    return Layer(init, forward, backward, name, (layer,), lambda input_shape: [input_shape])
+    return Layer(init, forward, backward, name, (layer,), _alone, ("residual", layer))

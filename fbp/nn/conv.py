@@ -449,7 +449,8 @@ def _conv(
             grads["b"] = _as(jnp.sum(dy, axis=tuple(range(n + 1))), params["b"].dtype)  # (F,)
         return grads, _grad_for(cache, dx)
 
-    return Layer(init, forward, backward, name)
+    config = (kind, filters, win, groups, use_bias, w_init, b_init, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)
 
 
 def Conv2D(
@@ -581,7 +582,7 @@ def _pool(
         check_shape(name, DY, (None, *out, x_like.shape[-1]), dy.shape, DY_FIX)
         return (), bwd(win, cache, dy)
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, config=(kind, win))
 
 
 def _pool_dims(axes: Sequence[_Axis]) -> dict:

@@ -75,4 +75,5 @@ def Dense(
         # In the params' dtype, as autodiff gives it (a float64 x must not widen float32 grads).
         return {"w": dw.astype(w.dtype), "b": db.astype(params["b"].dtype)}, dx
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name,
+                 config=("Dense", out_dim, w_init, b_init, jnp.dtype(dtype)))  # fmt: skip

@@ -82,7 +82,7 @@ def LayerNorm(epsilon: float = 1e-5, *, dtype=jnp.float32) -> Layer:
         weight = jnp.asarray(1.0 / xhat.shape[-1], xhat.dtype)  # the mean over d features
         return {"scale": dscale, "bias": dbias}, _normalized_dx(g, xhat, r, (-1,), weight)
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, config=("LayerNorm", epsilon, jnp.dtype(dtype)))
 
 
 class BatchNormCache(NamedTuple):
@@ -205,4 +205,5 @@ def BatchNorm(
             dx = _normalized_dx(g, xhat, r, axes, weight)
         return {"scale": dscale, "bias": dbias}, dx
 
-    return Layer(init, forward, backward, name)
+    config = ("BatchNorm", momentum, epsilon, axis, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)

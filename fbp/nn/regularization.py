@@ -45,4 +45,4 @@ def Dropout(rate: float) -> Layer:
         check_dy(name, m.shape, dy)
         return (), jnp.where(m, dy / keep, 0)
 
-    return Layer(init, forward, backward, name)
+    return Layer(init, forward, backward, name, config=("Dropout", rate))

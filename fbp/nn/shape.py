@@ -67,4 +67,7 @@ def Reshape(shape: Sequence[int]) -> Layer:
     def fwd(x):
         return x.reshape(x.shape[0], *target(x.shape[1:])), _shape_carrier(x)
 
-    return stateless(name, fwd, _unflatten, target, lambda like: (None, *target(like.shape[1:])))
+    def dy_shape(like):
+        return (None, *target(like.shape[1:]))
+
+    return stateless(name, fwd, _unflatten, target, dy_shape, config=("Reshape", shape))
