@@ -710,6 +710,25 @@ def test_transformer_block_is_the_documented_composition():
         block.init(jax.random.key(0), (T, 6))
 
 
+def test_equal_recipes_are_equal_layers():
+    """Structural equality (fbp.core): a layer built twice from the same arguments is the same
+    layer to jax.jit's cache, so fit compiles once; other arguments make another layer."""
+    pairs = [
+        (lambda: LSTM(8), lambda: LSTM(8, return_sequences=True)),
+        (lambda: GRU(8), lambda: GRU(8, weight_grads="after_scan")),
+        (lambda: SimpleRNN(8), lambda: SimpleRNN(8, "relu")),
+        (lambda: Embedding(10, 4), lambda: Embedding(11, 4)),
+        (lambda: PositionalEmbedding(16), lambda: PositionalEmbedding(17)),
+        (lambda: MultiHeadSelfAttention(2), lambda: MultiHeadSelfAttention(2, causal=True)),
+        (lambda: TransformerBlock(8, 2, 16), lambda: TransformerBlock(8, 2, 16, dropout=0.1)),
+    ]
+    for same, other in pairs:
+        assert same() == same() and hash(same()) == hash(same())
+        assert same() != other()
+    assert LSTM(8) == LSTM(8, weight_grads="in_scan")  # what "auto" picks for the LSTM
+    assert nn.serial(Embedding(10, 8), LSTM(8)) == nn.serial(Embedding(10, 8), LSTM(8))
+
+
 # ------------------------------------------------------------- fit on padded batches
 
 

@@ -228,4 +228,5 @@ def MultiHeadSelfAttention(
         grads |= {"bq": dbq, "bk": dbk, "bv": dbv, "bo": dbo}
         return {n: g.astype(params[n].dtype) for n, g in grads.items()}, dx.astype(x.dtype)
 
-    return Layer(init, forward, backward, name)
+    config = ("MultiHeadSelfAttention", num_heads, head_dim, causal, dropout, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)

@@ -148,4 +148,5 @@ def TransformerBlock(
             )
         return block.init(key, input_shape)
 
-    return block._replace(init=init, name=name)
+    config = ("TransformerBlock", d_model, num_heads, ff_dim, head_dim, causal, dropout)
+    return block._replace(init=init, name=name, config=config)

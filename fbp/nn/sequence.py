@@ -371,7 +371,8 @@ def SimpleRNN(
         grads = _bptt(step, dh0, (dys, hcand, m), params, cache, mode)
         return _grads(params, cache, *grads)
 
-    return Layer(init, forward, backward, name)
+    config = ("SimpleRNN", units, activation, return_sequences, mode, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)
 
 
 # ---------------------------------------------------------------------------------------- LSTM
@@ -497,7 +498,8 @@ def LSTM(
             params, cache, *_bptt(step, (dh0, jnp.zeros_like(dh0)), xs, params, cache, mode)
         )
 
-    return Layer(init, forward, backward, name)
+    config = ("LSTM", units, return_sequences, mode, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)
 
 
 # ----------------------------------------------------------------------------------------- GRU
@@ -606,7 +608,8 @@ def GRU(
         dW, dU, db, dx = _bptt(step, dh0, xs, params, cache, mode, split_bias=True)  # (2, 3u) db
         return _grads(params, cache, dW, dU, db, dx)
 
-    return Layer(init, forward, backward, name)
+    config = ("GRU", units, return_sequences, mode, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)
 
 
 # ------------------------------------------------------------------------------ diagnostics
@@ -783,7 +786,8 @@ def Embedding(
         dE = jnp.zeros_like(E).at[ids].add(dy, mode="drop", wrap_negative_indices=False)
         return {"embeddings": dE}, None
 
-    return Layer(init, forward, backward, name)
+    config = ("Embedding", vocab_size, dim, w_init, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)
 
 
 def PositionalEmbedding(
@@ -847,4 +851,5 @@ def PositionalEmbedding(
         dpos = jnp.zeros_like(pos).at[:T].set(jnp.sum(dy, axis=0).astype(pos.dtype))  # (L, d)
         return {"pos": dpos}, dy.astype(cache.dtype)
 
-    return Layer(init, forward, backward, name)
+    config = ("PositionalEmbedding", max_len, w_init, jnp.dtype(dtype))
+    return Layer(init, forward, backward, name, config=config)
