@@ -459,9 +459,11 @@ def section_d(cfg: Config) -> tuple[list[Row], dict]:
     adam_bytes, copy_bytes = 7 * 4 * n, 2 * 4 * (4 * n)  # Adam: read p, g, mu, nu; write p, mu, nu
     copy_bw = copy_bytes / np.median(t["copy"]) / 1e9
     rows = []
-    for name, target in zip(variants, ("<= 1.20", "-")):
+    for name, target in zip(variants, ("<= 1.20", "-"), strict=True):
         # Adam's time over the time its 28 bytes/param would take at the copy's bandwidth.
-        per_round = [(a / adam_bytes) / (c / copy_bytes) for a, c in zip(t[name], t["copy"])]
+        per_round = [
+            (a / adam_bytes) / (c / copy_bytes) for a, c in zip(t[name], t["copy"], strict=True)
+        ]
         rows.append(
             Row(
                 "d",
@@ -689,7 +691,8 @@ def table(rows: list[Row]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     fmt = [
         " | ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
         )
         for line in lines
     ]

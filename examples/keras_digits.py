@@ -72,5 +72,5 @@ print(f"test loss: {result['loss']:.4f} - test accuracy: {result['accuracy']:.4f
 
 # model.predict(X_test[:5]) would give softmax probabilities; here the softmax is explicit.
 probs = nn.Softmax.apply((), (), train.predict(model, params, state, X_test[:5]))  # (5, 10)
-for p, label in zip(np.asarray(probs), y_test[:5]):
+for p, label in zip(np.asarray(probs), y_test[:5], strict=True):
     print(f"label {label}: predicted {p.argmax()} with probability {p.max():.3f}")

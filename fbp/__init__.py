@@ -5,13 +5,15 @@ pass is written by hand from the chain rule, and verified against JAX's autodiff
 differences (:mod:`fbp.check`).
 
     from fbp import nn, losses, optim
-    net = nn.serial(nn.Dense(128), nn.Relu, nn.Dense(10))
-    out_shape, params = net.init(jax.random.key(0), (64,))
-    loss, grads = fbp.value_and_grad(net, losses.softmax_cross_entropy)(params, x, y)
+    net = nn.serial(nn.Dense(128), nn.BatchNorm(), nn.Relu, nn.Dense(10))
+    out_shape, params, state = net.init(jax.random.key(0), (64,))
+    (loss, state), grads = fbp.value_and_grad(net, losses.softmax_cross_entropy)(
+        params, state, x, y)
 """
 
 from fbp import (
     check,
+    checkpoint,
     datasets,
     initializers,
     io,
@@ -23,18 +25,21 @@ from fbp import (
     train,
 )
 from fbp.backprop import as_custom_vjp, forward_backward, value_and_grad
-from fbp.core import Layer, Loss, Optimizer, ShapeError
+from fbp.core import Layer, LayerError, Loss, Optimizer, ParamsError, ShapeError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Layer",
+    "LayerError",
     "Loss",
     "Optimizer",
+    "ParamsError",
     "ShapeError",
     "__version__",
     "as_custom_vjp",
     "check",
+    "checkpoint",
     "datasets",
     "forward_backward",
     "initializers",

@@ -108,7 +108,9 @@ class Report:
         widths = [max(len(row[c]) for row in [head, *body]) for c in range(len(head))]
         lines = [self.title]
         for row in [head, *body]:
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            lines.append(
+                "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            )
         lines.extend(self.notes)
         verdict = "OK" if self.ok else "FAILED"
         lines.append(f"{verdict}: tolerances rel {self.rtol:g} (jax.grad), {self.fd_rtol:g} (fd)")
@@ -127,7 +129,7 @@ def _named_params(net: Layer, params: PyTree, prefix: str = "") -> list[tuple[st
     """(layer index path, layer name, param key) for each leaf, in ``jax.tree.leaves`` order."""
     if net.layers and isinstance(params, tuple) and len(params) == len(net.layers):
         out = []
-        for i, (layer, p) in enumerate(zip(net.layers, params)):
+        for i, (layer, p) in enumerate(zip(net.layers, params, strict=True)):
             out += _named_params(layer, p, f"{prefix}{i}.")
         return out
     if net.layers and len(net.layers) == 1:  # residual: the child's params are its own
@@ -198,7 +200,7 @@ def _rows(items: list[_Array], loss_scale: float, key, rtol, fd_rtol, fd_step, f
     s_max = max([loss_scale] + [_max_abs(it.ref) for it in items])
     s_norm = max([loss_scale] + [float(np.linalg.norm(np.asarray(it.ref))) for it in items])
     rows, notes = [], []
-    for item, k in zip(items, jax.random.split(key, max(len(items), 1))):
+    for item, k in zip(items, jax.random.split(key, max(len(items), 1)), strict=True):
         hand, ref = np.asarray(item.hand, np.float64), np.asarray(item.ref, np.float64)
         if hand.shape != ref.shape:
             abs_err = rel_err = float("inf")

@@ -200,7 +200,9 @@ def check_shape(where: str, what: str, expected: tuple, got: tuple, fix: str) ->
     ``where`` names the layer or loss, ``what`` the argument, ``fix`` says how to fix the call.
     """
     got = tuple(got)
-    ok = len(expected) == len(got) and all(e is None or e == g for e, g in zip(expected, got))
+    ok = len(expected) == len(got) and all(
+        e is None or e == g for e, g in zip(expected, got, strict=True)
+    )
     if not ok:
         sizes = ["batch" if e is None else str(e) for e in expected]
         shown = f"({sizes[0]},)" if len(sizes) == 1 else "(" + ", ".join(sizes) + ")"
@@ -260,7 +262,7 @@ def check_tree(where: str, what: str, got: PyTree, want: PyTree, fix: str = "") 
         if isinstance(w, (tuple, list)):
             if not isinstance(g, (tuple, list)) or len(g) != len(w):
                 fail(path, f"should be {_describe(w)}, got {_describe(g)}")
-            for i, (gi, wi) in enumerate(zip(g, w)):
+            for i, (gi, wi) in enumerate(zip(g, w, strict=True)):
                 walk(gi, wi, f"{path}[{i}]")
             return
         raise TypeError(f"check_tree: cannot describe {w!r}")

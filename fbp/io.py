@@ -191,7 +191,8 @@ def _describe(x, path: str, parts: list[str], leaves: list) -> dict:
         return _describe_leaf(x, path, parts, leaves)
     paths = _child_paths(node["kind"], names, path)
     node["children"] = [
-        _describe(v, p, [*parts, s], leaves) for v, p, s in zip(values, paths, subparts)
+        _describe(v, p, [*parts, s], leaves)
+        for v, p, s in zip(values, paths, subparts, strict=True)
     ]
     return node
 
@@ -686,7 +687,7 @@ class _Reader:
             fields_ok = all(_is_identifier(n) and not n.startswith("_") for n in names)
             if kind == "namedtuple" and not (_is_identifier(node.get("name")) and fields_ok):
                 raise bad(f"invalid NamedTuple {node.get('name')!r} with fields {names!r}")
-        for child, p in zip(children, _child_paths(kind, names, path)):
+        for child, p in zip(children, _child_paths(kind, names, path), strict=True):
             self.check_node(child, p, version, leaves)
 
     def check_leaves(self, leaves: list) -> None:
@@ -758,12 +759,13 @@ class _Reader:
         names = {"dict": node.get("keys"), "namedtuple": node.get("fields")}.get(kind, children)
         paths = _child_paths(kind, names, path)
         if kind == "dict":
-            found = dict(zip(names, zip(children, paths)))
+            found = dict(zip(names, zip(children, paths, strict=True), strict=True))
             keys = names if like is _FREE else list(like)  # like's key order
             out = {k: self.build(found[k][0], _sub(like, k), found[k][1], dry) for k in keys}
             return None if dry else out
         values = [
-            self.build(c, _sub(like, i), p, dry) for i, (c, p) in enumerate(zip(children, paths))
+            self.build(c, _sub(like, i), p, dry)
+            for i, (c, p) in enumerate(zip(children, paths, strict=True))
         ]
         if dry:
             return None

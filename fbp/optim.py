@@ -175,7 +175,7 @@ def _flatten(name: str, grads: PyTree, params: PyTree, state, state_type) -> tup
         )
     _check_params(name, params)
     p_leaves, g_leaves = treedef.flatten_up_to(params), treedef.flatten_up_to(grads)
-    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+    for i, (p, g) in enumerate(zip(p_leaves, g_leaves, strict=True)):
         if jnp.shape(g) != jnp.shape(p):
             path = jax.tree_util.tree_flatten_with_path(params)[0][i][0]
             raise ShapeError(
@@ -196,7 +196,7 @@ def _leafwise(fn: Callable, treedef, n_out: int, *columns) -> tuple:
         c if isinstance(c, list) else [None] * n if c is None else treedef.flatten_up_to(c)
         for c in columns
     ]
-    outs = [fn(*xs) for xs in zip(*cols)]
+    outs = [fn(*xs) for xs in zip(*cols, strict=True)]
     return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n_out))
 
 

@@ -495,9 +495,8 @@ def fit(
         _check_labels("fit (validation_data)", net, X_val, y_val)
         validation_data = (_as_input(X_val, params), y_val)
     history: History = {}
-    log_names = ["loss"] + [name for name, _ in metric_fns]
-    if validation_data is not None:
-        log_names += [f"val_{name}" for name in log_names]
+    train_names = ["loss"] + [name for name, _ in metric_fns]
+    log_names = train_names + ([f"val_{name}" for name in train_names] if validation_data else [])
     stopper = _Stopper(early_stopping, log_names) if early_stopping else None
     backup = None
     if backup_dir is not None:
@@ -533,7 +532,7 @@ def fit(
         *stats, params_finite = np.asarray(stats).tolist()  # the one host sync of the epoch
         if verbose and sys.stdout.isatty() and time.perf_counter() - t0 >= _BAR_AFTER:
             sys.stdout.write("\r" + " " * 60 + "\r")  # clear the progress bar
-        logs = dict(zip(log_names, stats))
+        logs = dict(zip(train_names, stats, strict=True))
         if not (np.isfinite(logs["loss"]) and params_finite):
             what = (
                 f"loss became {logs['loss']}"

@@ -146,7 +146,7 @@ def test_split_is_reproducible_and_seed_dependent():
     a = ds.train_test_split(y, seed=7)
     b = ds.train_test_split(y, seed=7)
     c = ds.train_test_split(y, seed=8)
-    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
     assert not np.array_equal(a[1], c[1])
 
 

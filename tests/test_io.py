@@ -134,7 +134,7 @@ def _assert_same_tree(got, want, path="tree"):
                 _assert_same_tree(got[k], want[k], f"{path}[{k!r}]")
         elif want is not None:
             assert len(got) == len(want), path
-            for i, (g, w) in enumerate(zip(got, want)):
+            for i, (g, w) in enumerate(zip(got, want, strict=True)):
                 _assert_same_tree(g, w, f"{path}[{i}]")
         return
     if isinstance(want, (bool, int, float)):
@@ -162,7 +162,7 @@ def test_round_trip_with_like_rebuilds_like_exactly(tmp_path, name):
     fio.save(tmp_path / "ckpt", tree)
     loaded = fio.load(tmp_path / "ckpt", like=tree)
     assert jax.tree.structure(loaded) == jax.tree.structure(tree)  # same NamedTuple classes too
-    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree)):
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree), strict=True):
         assert type(got) is type(want) or (
             isinstance(got, jax.Array) and isinstance(want, jax.Array)
         )
@@ -177,7 +177,7 @@ def test_like_may_be_shape_dtype_structs(tmp_path):
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     loaded = fio.load(tmp_path / "ckpt", like=like)
     assert jax.tree.structure(loaded) == jax.tree.structure(tree)
-    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree)):
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree), strict=True):
         assert isinstance(got, jax.Array) and got.dtype == want.dtype
         assert _bits(got) == _bits(want)
 
@@ -1111,7 +1111,7 @@ def test_sigkill_mid_save_keeps_the_old_checkpoint_and_the_next_save_cleans_up(t
         for i in range(len(delays)):
             target = _checkpoint_in(tmp_path / f"run{i}")
             runs.append((target, _child(tmp_path / f"run{i}", target, "loop")))
-        for delay, (target, proc) in zip(delays, runs):
+        for delay, (target, proc) in zip(delays, runs, strict=True):
             _wait_for(target.exists, proc, "the first save")
             _wait_for(lambda d=target.parent: _temporaries(d), proc, "a second save's temporary")
             time.sleep(delay)
@@ -1119,7 +1119,7 @@ def test_sigkill_mid_save_keeps_the_old_checkpoint_and_the_next_save_cleans_up(t
     finally:
         for _, proc in runs:
             _reap(proc)
-    for delay, (target, _) in zip(delays, runs):
+    for delay, (target, _) in zip(delays, runs, strict=True):
         if delay == 0.0:
             assert _temporaries(target.parent), "the child was not killed in the middle of a save"
         _assert_intact(target)

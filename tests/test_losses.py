@@ -339,6 +339,7 @@ def test_label_smoothing_follows_optax_convention():
     for got, want in zip(
         loss.value_and_grad(pred, labels),
         losses.softmax_cross_entropy.value_and_grad(pred, smoothed),
+        strict=True,
     ):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     no_smoothing = losses.softmax_cross_entropy_smoothed(0.0)
@@ -534,7 +535,7 @@ def test_names_and_public_surface():
         "huber(delta=0.5)",
         "softmax_cross_entropy",
     ]
-    for name in losses.__all__:
+    for name in set(losses.__all__) - {"check_labels"}:  # check_labels is a host-side check
         obj = getattr(losses, name)
         assert isinstance(obj, Loss) or isinstance(obj(0.1), Loss)
 

@@ -160,7 +160,12 @@ def test_backward_matches_central_differences(layer: Layer, shape, train):
         return float(jnp.sum(dy * layer.apply(p, state, x + t * vx, key=KEY, train=train)))
 
     fd = (projected(h) - projected(-h)) / (2 * h)
-    hand = float(sum(jnp.sum(g * v) for g, v in zip(jax.tree.leaves(dparams), jax.tree.leaves(vp))))
+    hand = float(
+        sum(
+            jnp.sum(g * v)
+            for g, v in zip(jax.tree.leaves(dparams), jax.tree.leaves(vp), strict=True)
+        )
+    )
     hand += float(jnp.sum(dx * vx))
     scale = np.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree.leaves((dparams, dx))))
     assert abs(fd - hand) <= 1e-6 * max(scale, 1.0)

@@ -566,7 +566,7 @@ def test_convention_options_matter(opt, reference):
     params, grads = make_params(), make_grads(10)
     got, _ = run(opt, params, grads)
     want = reference(leaves(params), [leaves(g) for g in grads])
-    assert not all(np.allclose(a, b, rtol=1e-6) for a, b in zip(leaves(got), want))
+    assert not all(np.allclose(a, b, rtol=1e-6) for a, b in zip(leaves(got), want, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------

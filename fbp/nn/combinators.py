@@ -82,7 +82,7 @@ def serial(*layers: Layer) -> Layer:
 
     def init(key, input_shape):
         params, states, shape = [], [], input_shape
-        for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, n))):
+        for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, n), strict=True)):
             shape, p, s = _at(layers, i, layer.init, k, shape)
             params.append(p)
             states.append(s)
@@ -92,7 +92,9 @@ def serial(*layers: Layer) -> Layer:
         _per_child(name, "params", params, n)
         _per_child(name, "state", state, n)
         caches, states = [], []
-        for i, (layer, p, s, k) in enumerate(zip(layers, params, state, _split(key, n))):
+        for i, (layer, p, s, k) in enumerate(
+            zip(layers, params, state, _split(key, n), strict=True)
+        ):
             x, s, cache = _at(layers, i, layer.forward, p, s, x, key=k, train=train, mask=mask)
             mask = conform_mask(mask, x)  # (batch, time) -> (batch,) once time is reduced
             caches.append(cache)
@@ -165,7 +167,9 @@ def parallel(*layers: Layer) -> Layer:
         check_input(input_shape)
         out = [
             _at(layers, i, layer.init, k, s)
-            for i, (layer, k, s) in enumerate(zip(layers, jax.random.split(key, n), input_shape))
+            for i, (layer, k, s) in enumerate(
+                zip(layers, jax.random.split(key, n), input_shape, strict=True)
+            )
         ]
         return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)
 
@@ -175,7 +179,9 @@ def parallel(*layers: Layer) -> Layer:
         check_input(x)
         out = [
             _at(layers, i, layer.forward, p, s, xi, key=k, train=train, mask=mask)
-            for i, (layer, p, s, xi, k) in enumerate(zip(layers, params, state, x, _split(key, n)))
+            for i, (layer, p, s, xi, k) in enumerate(
+                zip(layers, params, state, x, _split(key, n), strict=True)
+            )
         ]
         new_state = tuple(o[1] for o in out) if train else state
         return tuple(o[0] for o in out), new_state, tuple(o[2] for o in out)

@@ -39,7 +39,11 @@ class Summary:
         ]
         widths = [max(len(row[c]) for row in [head, *body]) for c in range(len(head))]
         align = [str.ljust, str.ljust, str.ljust, str.rjust, str.rjust]
-        line = lambda row: "  ".join(a(c, w) for a, c, w in zip(align, row, widths)).rstrip()  # noqa: E731
+
+        def line(row):
+            cells = zip(align, row, widths, strict=True)
+            return "  ".join(a(c, w) for a, c, w in cells).rstrip()
+
         rule = "-" * len(line(head))
         return "\n".join(
             [self.title, rule, line(head), rule, *map(line, body), rule,
@@ -79,12 +83,16 @@ def summary(net: Layer, input_shape) -> Summary:
         out, n_params, n_state = _sizes(layer, shape)
         rows.append(SummaryRow(index, depth, _short(layer), out, n_params, n_state))
         if layer.layers:
-            for i, (child, s) in enumerate(zip(layer.layers, layer.child_shapes(shape))):
+            for i, (child, s) in enumerate(
+                zip(layer.layers, layer.child_shapes(shape), strict=True)
+            ):
                 visit(child, s, f"{index}.{i}", depth + 1)
 
     out, total_params, total_state = _sizes(net, tuple(input_shape))
     if net.layers:  # the top combinator's children are the rows
-        for i, (child, s) in enumerate(zip(net.layers, net.child_shapes(tuple(input_shape)))):
+        for i, (child, s) in enumerate(
+            zip(net.layers, net.child_shapes(tuple(input_shape)), strict=True)
+        ):
             visit(child, s, str(i), 0)
     else:
         visit(net, tuple(input_shape), "0", 0)
