@@ -91,6 +91,6 @@ out = sort_greedily(X_test[:, :L])
 want = y_test[:, L:]  # (n, 8): the sorted digits, the targets at positions 8..15
 print(f"held-out sequences: {len(out)}, sorted exactly: {np.mean(np.all(out == want, 1)):.4f}, "
       f"digits right: {np.mean(out == want):.4f}")  # fmt: skip
-for x, o in zip(X_test[:3, :L], out[:3]):
+for x, o in zip(X_test[:3, :L], out[:3], strict=True):
     print(f"  {''.join(map(str, x))} -> {''.join(map(str, o))}")
 print(f"total time: {time.perf_counter() - start:.1f}s")

@@ -51,7 +51,7 @@ def _np_leaves(tree):
 
 
 def tree_dot(a, b) -> float:
-    return float(sum(np.vdot(x, y) for x, y in zip(_np_leaves(a), _np_leaves(b))))
+    return float(sum(np.vdot(x, y) for x, y in zip(_np_leaves(a), _np_leaves(b), strict=True)))
 
 
 def tree_norm(a) -> float:
@@ -62,7 +62,7 @@ def rel_err(got, want) -> float:
     """Normwise relative error ``||got - want|| / ||want||`` over whole pytrees."""
     g, w = _np_leaves(got), _np_leaves(want)
     assert [a.shape for a in g] == [b.shape for b in w]
-    num = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(g, w)))
+    num = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(g, w, strict=True)))
     return num / max(math.sqrt(sum(float(np.sum(b**2)) for b in w)), 1e-300)
 
 
@@ -128,7 +128,7 @@ def check_gradients(layer, params, state, x, mask=None, *, key=None, train=False
         params, x, mask, key, dy, u_p, u_x
     )
     assert jax.tree.structure(dparams) == jax.tree.structure(params)
-    for g, p in zip(jax.tree.leaves(dparams), jax.tree.leaves(params)):
+    for g, p in zip(jax.tree.leaves(dparams), jax.tree.leaves(params), strict=True):
         assert g.shape == p.shape and g.dtype == p.dtype
     assert rel_err(y, y_ref) <= 1e-14  # one forward computation (up to rounding)
     assert rel_err(dparams, dparams_ref) <= VJP_TOL
@@ -174,7 +174,7 @@ def np_rnn(cell, x, mask, h0):
     for t in range(T):
         new = cell(x[:, t], state)
         keep = m[:, t][:, None]
-        state = tuple(np.where(keep, n, s) for n, s in zip(new, state))
+        state = tuple(np.where(keep, n, s) for n, s in zip(new, state, strict=True))
         outs.append(state[0])
     return np.stack(outs, 1), state[0]
 
@@ -486,7 +486,7 @@ def test_torch_weight_mapping(kind):
     np.testing.assert_allclose(y, ref(x, w_ih, w_hh, b_ih, b_hh), rtol=1e-12, atol=1e-13)
     back = to_torch(params)
     if kind == "GRU":  # an exact inverse
-        for a, b in zip(back, (w_ih, w_hh, b_ih, b_hh)):
+        for a, b in zip(back, (w_ih, w_hh, b_ih, b_hh), strict=True):
             np.testing.assert_array_equal(a, b)
     else:  # the split of the bias is not unique; the model is
         np.testing.assert_array_equal(back[0], w_ih)
