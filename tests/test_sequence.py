@@ -4,9 +4,11 @@ an independent NumPy reference (Keras's and PyTorch's equations, loops over time
 semantics, the PyTorch weight mapping, Embedding's scatter-add, and fit on padded batches.
 
 Each gradient case runs as one jitted program (forward, backward, jax.vjp and the two finite
-difference points together), so a case costs one compilation. The grid is a covering set, not
-the Cartesian product: every T in (1, 7, 100), mask kind, return_sequences value, causal value
-and head count appears for every layer it applies to.
+difference points together), so a case costs one compilation. The grids are covering sets, not
+Cartesian products: T = 1, 7 and 100, with and without a mask, appear for the recurrent layers,
+the attention and PositionalEmbedding, with both return_sequences values, causal and not, 1 and
+4 heads; Embedding (position-independent) and TransformerBlock (built from the layers tested
+here and in test_nn.py) are checked at one or two lengths.
 """
 
 from __future__ import annotations
