@@ -745,11 +745,10 @@ def Embedding(
     Backward: ``dE = zeros.at[ids].add(dy)`` -- a scatter-add, so an id used n times gets the
     sum of its n output gradients; rows not used get 0. Ids have no gradient: ``dx = None``.
 
-    Out-of-range ids (``< 0`` or ``>= vocab_size``): JAX cannot raise inside ``jit``. Here the
-    gather uses ``mode="fill"`` with NaN (negative ids are *not* wrapped Python-style), so a
-    bad id yields a row of NaN that is easy to spot, and the backward drops its gradient
-    (``mode="drop"``). (Plain ``E[ids]`` would silently clamp to the last row and wrap negative
-    ids.) Validate concrete ids on the host with :func:`check_ids`.
+    Out-of-range ids (``< 0`` or ``>= vocab_size``): JAX cannot raise inside ``jit``. Here a
+    bad id reads a row of NaN, easy to spot (a NaN loss), and the backward drops its gradient.
+    (Plain ``E[ids]`` would silently clamp it to the last row, and wrap a negative id
+    Python-style.) Validate concrete ids on the host with :func:`check_ids`.
 
     Cache: ``ids`` (batch, ...).
     """
@@ -775,15 +774,19 @@ def Embedding(
                 f"the input should be ids of shape (batch, ...), got {x.shape}.", layer=name
             )
         E = params["embeddings"]
-        y = E.at[x].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
-        return y, state, x  # y: (*ids.shape, dim)
+        valid = (x >= 0) & (x < vocab_size)  # (*ids.shape,)
+        rows = E[jnp.where(valid, x, 0)]  # (*ids.shape, dim), every index in range
+        y = jnp.where(valid[..., None], rows, jnp.nan)  # a bad id reads a row of NaN
+        return y, state, x
 
     def backward(params, ids, dy):
         E = params["embeddings"]
         check_dy(name, (*ids.shape, dim), dy)
         dy = dy.astype(E.dtype)  # (*ids.shape, dim)
-        # scatter-add: an id used n times gets the sum of its n rows of dy; bad ids are dropped
-        dE = jnp.zeros_like(E).at[ids].add(dy, mode="drop", wrap_negative_indices=False)
+        # scatter-add: an id used n times gets the sum of its n rows of dy; a bad id is sent to
+        # row vocab_size, which does not exist, and mode="drop" drops it
+        rows = jnp.where((ids >= 0) & (ids < vocab_size), ids, vocab_size)  # (*ids.shape,)
+        dE = jnp.zeros_like(E).at[rows].add(dy, mode="drop")  # (vocab_size, dim)
         return {"embeddings": dE}, None
 
     config = ("Embedding", vocab_size, dim, w_init, jnp.dtype(dtype))
