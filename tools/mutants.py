@@ -218,8 +218,8 @@ MUTANTS: dict[str, Mutant] = {
     ),
     "embedding-scatter-sets": Mutant(
         "fbp/nn/sequence.py",
-        "dE = jnp.zeros_like(E).at[ids].add(dy,",
-        "dE = jnp.zeros_like(E).at[ids].set(dy,",
+        "dE = jnp.zeros_like(E).at[rows].add(dy,",
+        "dE = jnp.zeros_like(E).at[rows].set(dy,",
         ("tests/test_sequence.py::test_embedding_scatter_adds_and_ids_have_no_gradient",),
     ),
     "positions-averaged-over-the-batch": Mutant(
