@@ -222,6 +222,12 @@ MUTANTS: dict[str, Mutant] = {
         "dE = jnp.zeros_like(E).at[rows].set(dy,",
         ("tests/test_sequence.py::test_embedding_scatter_adds_and_ids_have_no_gradient",),
     ),
+    "embedding-bad-id-reads-row-0": Mutant(
+        "fbp/nn/sequence.py",
+        "y = jnp.where(valid[..., None], rows, jnp.nan)  # a bad id reads a row of NaN",
+        "y = rows",
+        ("tests/test_sequence.py::test_embedding_out_of_range_ids_under_jit_and_check_ids",),
+    ),
     "positions-averaged-over-the-batch": Mutant(
         "fbp/nn/sequence.py",
         "jnp.sum(dy, axis=0).astype(pos.dtype)",
