@@ -79,8 +79,8 @@ AUTO_WEIGHT_GRADS = MappingProxyType(
 )
 """What ``weight_grads="auto"`` means per layer: the faster of the two on a 2-core CPU. The time
 of fbp's whole train step (the layer with 128 units, then Dense(10), cross-entropy and Adam; B
-128, T 28, F 28) with in_scan over its time with after_scan measured 0.61-0.80 for the LSTM,
-0.91-1.0 for the GRU and 1.0-1.15 for the SimpleRNN over four runs (``python
+128, T 28, F 28) with in_scan over its time with after_scan measured 0.61-0.91 for the LSTM,
+0.91-1.0 for the GRU and 1.0-1.15 for the SimpleRNN over five runs (``python
 benchmarks/bench.py --only f`` prints these rows)."""
 
 
