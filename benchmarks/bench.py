@@ -11,6 +11,8 @@ Sections (each row of the table is one measurement, "met" compares its ratio wit
     c  a GEMM-only lower bound (the matrix products of one step) as a fraction of fbp's step
     d  fbp's Adam update in GB/s against a measured memory-copy bandwidth
     e  peak memory of a large-batch step, fbp against jax.grad, each in its own subprocess
+    f  train steps of sequence models: an LSTM and a transformer block, fbp against jax.grad;
+       and (information) the two places BPTT can sum the weight gradients, in_scan / after_scan
 
 The machine is shared and noisy, so competitors are timed in turn (A, B, A, B, ... with the order
 flipped every round), each sample after a warm-up, and each ratio is the median of the per-round
@@ -45,7 +47,7 @@ from fbp import losses, nn, optim, train
 LOSS = losses.softmax_cross_entropy
 OPT = optim.adam(1e-3)
 HERE = Path(__file__).resolve().parent
-SECTIONS = "abcde"
+SECTIONS = "abcdef"
 
 
 @dataclass
@@ -690,6 +692,71 @@ def section_e(cfg: Config) -> tuple[list[Row], dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# f. sequence models: an LSTM step and a transformer block step
+
+
+SEQUENCE_NETS = [  # name, network, input shape (batch included), token labels per step
+    ("LSTM(128)+Dense(10), b128 T28 F28",
+     lambda: nn.serial(nn.LSTM(128), nn.Dense(10)), (128, 28, 28), False),
+    ("TransformerBlock(128, 4 heads, MLP 512)+Dense(10), b64 T64",
+     lambda: nn.serial(nn.TransformerBlock(128, 4, 512), nn.Dense(10)), (64, 64, 128), True),
+]  # fmt: skip
+
+
+def section_f(cfg: Config) -> tuple[list[Row], dict]:
+    """The backward through time (reverse scan) and the attention's, against autodiff's: the
+    same make_step / jax_grad_step race as section a, on sequence inputs. The transformer's
+    loss is the softmax cross-entropy of every step's logits, (batch, T, 10) with (batch, T)
+    labels."""
+    rows, details = [], {}
+    for name, make, shape, per_step in SEQUENCE_NETS:
+        net = make()
+        _, params, state = net.init(jax.random.key(0), shape[1:])
+        kx, ky = jax.random.split(jax.random.key(1))
+        x = jax.random.normal(kx, shape, jnp.float32)
+        y = jax.random.randint(ky, shape[:2] if per_step else shape[:1], 0, 10)
+        samplers = step_samplers(net, params, state, x, y, max(cfg.steps // 4, 1))
+        details[name] = {
+            k: hlo_stats(sampler.step, params, state, OPT.init(params), x, y)
+            for k, sampler in samplers.items()
+        }
+        t = interleaved(samplers, cfg.repeats)
+        ratio, spread = paired_ratio(t["fbp"], t["jax.grad"])
+        rows.append(Row("f", f"step {name}", 1e3 * np.median(t["fbp"]),
+                        1e3 * np.median(t["jax.grad"]), "ms", ratio, "<= 1.00", spread))  # fmt: skip
+        print_row(rows[-1])
+        details[name]["ms"] = {k: [1e3 * v for v in vs] for k, vs in t.items()}
+    rows += weight_grads_rows(cfg, details)
+    return rows, details
+
+
+def weight_grads_rows(cfg: Config, details: dict) -> list[Row]:
+    """Information rows behind ``weight_grads="auto"``: fbp's LSTM step with the recurrent
+    layer's weight gradients summed inside the reverse scan against after it (2-D matmuls over
+    all steps), and the same for GRU(128) and SimpleRNN(128)."""
+    kx, ky = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (128, 28, 28), jnp.float32)
+    y = jax.random.randint(ky, (128,), 0, 10)
+    rows = []
+    for kind in ("LSTM", "GRU", "SimpleRNN"):
+        samplers = {}
+        for mode in ("in_scan", "after_scan"):
+            net = nn.serial(getattr(nn, kind)(128, weight_grads=mode), nn.Dense(10))
+            _, params, state = net.init(jax.random.key(0), (28, 28))
+            step = train.make_step(net, LOSS, OPT)
+            samplers[mode] = StepSampler(step, params, state, OPT.init(params), x, y,
+                                         max(cfg.steps // 4, 1)).warm_up()  # fmt: skip
+        t = interleaved(samplers, cfg.repeats)
+        ratio, spread = paired_ratio(t["in_scan"], t["after_scan"])
+        rows.append(Row("f", f"{kind}(128) weight grads in_scan / after_scan, b128 T28",
+                        1e3 * np.median(t["in_scan"]), 1e3 * np.median(t["after_scan"]), "ms",
+                        ratio, "-", spread))  # fmt: skip
+        print_row(rows[-1])
+        details[f"weight_grads {kind}"] = {k: [1e3 * v for v in vs] for k, vs in t.items()}
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 
 
@@ -792,6 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     details = {}
     runners = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
+    runners["f"] = section_f
     for section in SECTIONS:
         if section not in only:
             continue

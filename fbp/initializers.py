@@ -5,14 +5,17 @@ a 1-D shape ``(n,)`` has ``fan_in = fan_out = n``. "Normal" variance-scaling ini
 from a normal truncated at two standard deviations and rescaled so the variance is exact, as
 Keras and JAX do (``0.87962566103423978`` is the std of a unit normal truncated to [-2, 2]).
 
-    name            distribution                    variance
-    glorot_uniform  U(-l, l), l = sqrt(6/(in+out))  2/(in+out)    Glorot & Bengio, 2010
-    glorot_normal   truncated normal                2/(in+out)
-    he_uniform      U(-l, l), l = sqrt(6/in)        2/in          He et al., 2015
-    he_normal       truncated normal                2/in
-    lecun_normal    truncated normal                1/in          LeCun et al., 1998
-    normal(stddev)  N(0, stddev^2)                  stddev^2
-    zeros, ones     constants
+    name              distribution                       variance
+    glorot_uniform    U(-l, l), l = sqrt(6/(in+out))     2/(in+out)   Glorot & Bengio, 2010
+    glorot_normal     truncated normal                   2/(in+out)
+    he_uniform        U(-l, l), l = sqrt(6/in)           2/in         He et al., 2015
+    he_normal         truncated normal                   2/in
+    lecun_normal      truncated normal                   1/in         LeCun et al., 1998
+    normal(stddev)    N(0, stddev^2)                     stddev^2
+    uniform(lo, hi)   U(lo, hi); Keras's Embedding default is (-0.05, 0.05)
+    orthogonal(gain)  gain * Q, Q orthonormal (QR of a normal draw)   Saxe et al., 2014; Keras's
+                      recurrent kernels
+    zeros, ones       constants
 """
 
 from __future__ import annotations
@@ -86,6 +89,43 @@ def normal(stddev: float = 1e-2) -> Initializer:
 
     def init(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
         return stddev * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def uniform(minval: float = -0.05, maxval: float = 0.05) -> Initializer:
+    """``U(minval, maxval)``; the defaults are Keras's ``RandomUniform`` (Embedding's default)."""
+    if not minval < maxval:
+        raise ValueError(f"uniform({minval}, {maxval}): minval must be < maxval.")
+
+    def init(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, minval, maxval)
+
+    return init
+
+
+def orthogonal(gain: float = 1.0) -> Initializer:
+    """A (semi-)orthogonal matrix times ``gain`` (Saxe et al., 2014), as Keras and JAX.
+
+    ``shape`` (rank >= 2) is viewed as ``(rows, cols) = (prod(shape[:-1]), shape[-1])``: draw
+    ``A ~ N(0, 1)`` of shape ``(max(rows, cols), min(rows, cols))``, take its reduced QR
+    ``A = Q R`` and fix the signs, ``Q *= sign(diag(R))``, so that ``Q`` is uniformly (Haar)
+    distributed rather than biased by the QR convention; transpose when ``rows < cols``. The
+    result has orthonormal columns (rows >= cols) or orthonormal rows (rows < cols). Keras's
+    default ``recurrent_initializer`` for SimpleRNN, LSTM and GRU.
+    """
+
+    def init(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:
+        shape = tuple(shape)
+        if len(shape) < 2:
+            raise ValueError(f"orthogonal: needs a shape of rank >= 2, got {shape}.")
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        a = jax.random.normal(key, (max(rows, cols), min(rows, cols)), dtype)
+        q, r = jnp.linalg.qr(a)  # (max, min), (min, min)
+        q = q * jnp.sign(jnp.diag(r))[None, :]  # the sign correction, column by column
+        if rows < cols:
+            q = q.T
+        return (gain * q).reshape(shape).astype(dtype)
 
     return init
 

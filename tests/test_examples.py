@@ -20,9 +20,12 @@ SCRIPTS = [
     "binary_breast_cancer.py",
     "cnn_mnist.py",
     "gradient_check.py",
+    "gradient_norms.py",
     "keras_digits.py",
     "optimizer_comparison.py",
     "regression_diabetes.py",
+    "sequence_digits.py",
+    "transformer_sort.py",
 ]
 TIMEOUT_S = 300
 
@@ -93,6 +96,41 @@ def test_keras_digits(outputs):
     assert "Epoch 3/3" in out
     assert _numbers(r"test accuracy: ([0-9.]+)", out)[0] > 0.8  # ~0.97 after the full 30
     assert len(re.findall(r"label \d: predicted \d with probability", out)) == 5
+
+
+def test_sequence_digits(outputs):
+    out, _ = _run(outputs, "sequence_digits.py")
+    assert "1437 train, 360 test sequences of 8 steps x 8 pixels" in out
+    assert re.search(r"^0\s+LSTM\(64\)\s+\(64,\)\s+18,688", out, re.M)  # Keras's count
+    assert "Epoch 3/3" in out
+    assert _numbers(r"test accuracy: ([0-9.]+)", out)[0] > 0.6  # ~0.8 after 3, ~0.975 after 30
+    wrong, total = map(int, re.search(r"(\d+) of (\d+) test digits misread", out).groups())
+    assert total == 360 and wrong <= 0.4 * total
+
+
+def test_transformer_sort(outputs):
+    out, _ = _run(outputs, "transformer_sort.py")
+    assert "Epoch 2/2" in out
+    exact = _numbers(r"sorted exactly: ([0-9.]+)", out)[0]
+    digits = _numbers(r"digits right: ([0-9.]+)", out)[0]
+    assert 0.0 <= exact <= digits and digits > 0.25  # chance: 0.1; ~0.999 after the full run
+    shown = re.findall(r"^  (\d{8}) -> (\d{8})$", out, re.M)
+    assert len(shown) == 3
+
+
+def test_gradient_norms(outputs):
+    out, cwd = _run(outputs, "gradient_norms.py")
+    rows = {int(m[0]): [float(v) for v in m[1:]]
+            for m in re.findall(r"^\s+(\d+)" + r"\s+([0-9.e+-]+)" * 4 + "$", out, re.M)}  # fmt: skip
+    assert sorted(rows) == [0, 1, 2, 5, 10, 20]  # --fast: 30 steps
+    factors = [float(v) for v in re.search(r"^factor" + r"\s+([0-9.]+)" * 4, out, re.M).groups()]
+    rnn, gru, lstm, linear = factors
+    assert max(rnn, gru, lstm) < 1 < linear  # three vanish, the 1.2 x orthogonal one explodes
+    assert lstm > rnn  # the LSTM's gradient vanishes more slowly
+    assert rows[20][0] < 1e-2 * rows[0][0]  # the SimpleRNN's: down by 100x in 20 steps
+    assert linear == pytest.approx(1.2, abs=0.05)
+    if "matplotlib not installed" not in out:
+        assert (cwd / "gradient_norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_regression_diabetes(outputs):

@@ -56,3 +56,32 @@ def test_constants_and_dtypes():
     assert init.he_normal(KEY, (3, 2), jnp.bfloat16).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="stddev"):
         init.normal(-1.0)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (6, 3), (3, 6), (2, 3, 5)])
+def test_orthogonal_is_the_sign_corrected_q_of_numpys_qr(shape):
+    """The same normal draw through NumPy's QR: Q with its columns' signs set by diag(R)
+    (rows < cols: the transpose), times the gain; orthonormal columns or rows."""
+    w = np.asarray(init.orthogonal(gain=2.0)(KEY, shape, jnp.float64))
+    assert w.shape == shape and w.dtype == np.float64
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    a = np.asarray(jax.random.normal(KEY, (max(rows, cols), min(rows, cols)), jnp.float64))
+    q, r = np.linalg.qr(a)
+    q = q * np.sign(np.diag(r))
+    want = 2.0 * (q if rows >= cols else q.T)
+    np.testing.assert_allclose(w.reshape(rows, cols), want, rtol=1e-12, atol=1e-14)
+    m = w.reshape(rows, cols) / 2.0
+    gram = m.T @ m if rows >= cols else m @ m.T
+    np.testing.assert_allclose(gram, np.eye(min(rows, cols)), atol=1e-13)
+
+
+def test_orthogonal_refuses_vectors_and_uniform_has_its_bounds():
+    with pytest.raises(ValueError, match="rank >= 2"):
+        init.orthogonal()(KEY, (3,), jnp.float64)
+    assert init.orthogonal()(KEY, (3, 3)).dtype == jnp.float32
+    w = np.asarray(init.uniform()(KEY, SHAPE, jnp.float64))  # Keras's RandomUniform(-0.05, 0.05)
+    assert -0.05 <= w.min() < -0.049 and 0.049 < w.max() < 0.05
+    np.testing.assert_allclose(w.var(), 0.1**2 / 12, rtol=0.03)
+    assert init.uniform(0.0, 2.0)(KEY, (4,)).dtype == jnp.float32
+    with pytest.raises(ValueError, match="minval"):
+        init.uniform(1.0, 1.0)

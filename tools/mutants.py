@@ -24,6 +24,7 @@ import time
 from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRID = "tests/test_sequence.py::test_recurrent_gradients_and_forward"  # the recurrent layers
 
 
 class Mutant(NamedTuple):
@@ -153,6 +154,85 @@ MUTANTS: dict[str, Mutant] = {
         "for o in reversed(range(count - 1)):",
         "for o in range(count - 1):",
         ("tests/test_conv.py",),
+    ),
+    # Sequence layers: backpropagation through time and attention.
+    "lstm-forget-gate-off-the-cell-path": Mutant(
+        "fbp/nn/sequence.py",
+        "dc_prev = dct * f  # (B, u)",
+        "dc_prev = dct  # (B, u)",
+        (GRID,),
+    ),
+    "lstm-masked-step-drops-dc": Mutant(
+        "fbp/nn/sequence.py",
+        "                dc_prev = jnp.where(m_t, dc_prev, dc)\n",
+        "",
+        (GRID,),
+    ),
+    "simple-rnn-masked-step-drops-dh": Mutant(
+        "fbp/nn/sequence.py",
+        "dh_prev = jnp.where(m_t, dh_prev, g)  # ... and passes g through",
+        "dh_prev = dh_prev",
+        (GRID,),
+    ),
+    "gru-no-direct-path": Mutant(
+        "fbp/nn/sequence.py",
+        "dh_prev = g * z + dhp @ U.T  # (B, u)",
+        "dh_prev = dhp @ U.T  # (B, u)",
+        (GRID,),
+    ),
+    "gru-reset-gate-missing-from-dU": Mutant(
+        "fbp/nn/sequence.py",
+        "dhp = jnp.concatenate([daz, dar, dan * r], axis=1)  # (B, 3u)",
+        "dhp = jnp.concatenate([daz, dar, dan], axis=1)  # (B, 3u)",
+        (GRID,),
+    ),
+    "bptt-after-scan-dU-from-da": Mutant(
+        "fbp/nn/sequence.py",
+        "dU = _flat(hprev).T @ _flat(dhp)  # (u, k u)",
+        "dU = _flat(hprev).T @ _flat(da)  # (u, k u)",
+        (GRID,),
+    ),
+    "gru-bias-rows-swapped": Mutant(
+        "fbp/nn/sequence.py",
+        "db = jnp.stack([db_x, db_h]) if split_bias else db_x",
+        "db = jnp.stack([db_h, db_x]) if split_bias else db_x",
+        (GRID,),
+    ),
+    "sequence-batch-mask-ignored": Mutant(
+        "fbp/nn/_base.py",
+        "return jnp.broadcast_to(mask[:, None], (batch, time)) if mask.ndim == 1 else mask",
+        "return None if mask.ndim == 1 else mask",
+        ("tests/test_sequence.py::test_a_batch_mask_means_whole_sequences",),
+    ),
+    "attention-softmax-no-row-sum": Mutant(
+        "fbp/nn/attention.py",
+        "dS = P * (dP - jnp.sum(dP * P, axis=-1, keepdims=True))  # (B, H, T, T)",
+        "dS = P * dP  # (B, H, T, T)",
+        ("tests/test_sequence.py::test_attention_gradients_and_forward",),
+    ),
+    "attention-dropout-not-in-backward": Mutant(
+        "fbp/nn/attention.py",
+        "dP = dPd if keep is None else jnp.where(keep, dPd * (1.0 / (1.0 - dropout)), 0)",
+        "dP = dPd",
+        ("tests/test_sequence.py::test_attention_head_dim_and_dropout",),
+    ),
+    "embedding-scatter-sets": Mutant(
+        "fbp/nn/sequence.py",
+        "dE = jnp.zeros_like(E).at[rows].add(dy,",
+        "dE = jnp.zeros_like(E).at[rows].set(dy,",
+        ("tests/test_sequence.py::test_embedding_scatter_adds_and_ids_have_no_gradient",),
+    ),
+    "embedding-bad-id-reads-row-0": Mutant(
+        "fbp/nn/sequence.py",
+        "y = jnp.where(valid[..., None], rows, jnp.nan)  # a bad id reads a row of NaN",
+        "y = rows",
+        ("tests/test_sequence.py::test_embedding_out_of_range_ids_under_jit_and_check_ids",),
+    ),
+    "positions-averaged-over-the-batch": Mutant(
+        "fbp/nn/sequence.py",
+        "jnp.sum(dy, axis=0).astype(pos.dtype)",
+        "jnp.mean(dy, axis=0).astype(pos.dtype)",
+        ("tests/test_sequence.py::test_positional_embedding",),
     ),
     "loss-mask-ignored": Mutant(
         "fbp/losses.py",

@@ -12,8 +12,12 @@ family:
     regularization  Dropout
     shape           Flatten, Reshape
     conv            Conv1D, Conv2D, MaxPool1D/2D, AvgPool1D/2D, GlobalAvgPool
+    sequence        Embedding, PositionalEmbedding, SimpleRNN, LSTM, GRU (BPTT by hand);
+                    check_ids, padding_mask, grad_norm_over_time, lstm_from_torch,
+                    lstm_to_torch, gru_from_torch, gru_to_torch
+    attention       MultiHeadSelfAttention, masked_softmax
     combinators     serial, FanOut, parallel, FanInSum, FanInConcat, residual
-    models          mlp, cnn
+    models          mlp, cnn, TransformerBlock
     inspect         summary, check_params, output_shape
 """
 
@@ -31,6 +35,7 @@ from fbp.nn.activations import (
     Softplus,
     Tanh,
 )
+from fbp.nn.attention import MultiHeadSelfAttention, masked_softmax
 from fbp.nn.combinators import FanInConcat, FanInSum, FanOut, parallel, residual, serial
 from fbp.nn.conv import (
     AvgPool1D,
@@ -43,13 +48,29 @@ from fbp.nn.conv import (
 )
 from fbp.nn.dense import Dense
 from fbp.nn.inspect import Summary, check_params, output_shape, summary
-from fbp.nn.models import activation_layer, cnn, mlp
+from fbp.nn.models import TransformerBlock, activation_layer, cnn, mlp
 from fbp.nn.normalization import BatchNorm, LayerNorm
 from fbp.nn.regularization import Dropout
+from fbp.nn.sequence import (
+    GRU,
+    LSTM,
+    Embedding,
+    PositionalEmbedding,
+    SimpleRNN,
+    check_ids,
+    grad_norm_over_time,
+    gru_from_torch,
+    gru_to_torch,
+    lstm_from_torch,
+    lstm_to_torch,
+    padding_mask,
+)
 from fbp.nn.shape import Flatten, Reshape
 
 __all__ = [
     "ACTIVATIONS",
+    "GRU",
+    "LSTM",
     "AvgPool1D",
     "AvgPool2D",
     "BatchNorm",
@@ -58,6 +79,7 @@ __all__ = [
     "Dense",
     "Dropout",
     "Elu",
+    "Embedding",
     "FanInConcat",
     "FanInSum",
     "FanOut",
@@ -70,19 +92,31 @@ __all__ = [
     "LogSoftmax",
     "MaxPool1D",
     "MaxPool2D",
+    "MultiHeadSelfAttention",
+    "PositionalEmbedding",
     "Relu",
     "Reshape",
     "Sigmoid",
     "Silu",
+    "SimpleRNN",
     "Softmax",
     "Softplus",
     "Summary",
     "Tanh",
+    "TransformerBlock",
     "activation_layer",
+    "check_ids",
     "check_params",
     "cnn",
+    "grad_norm_over_time",
+    "gru_from_torch",
+    "gru_to_torch",
+    "lstm_from_torch",
+    "lstm_to_torch",
+    "masked_softmax",
     "mlp",
     "output_shape",
+    "padding_mask",
     "parallel",
     "residual",
     "serial",

@@ -48,6 +48,25 @@ def sum_last(v: Array) -> Array:
     return jnp.sum(v, axis=-1, keepdims=True)
 
 
+def sequence_mask(name: str, mask: Array | None, batch: int, time: int) -> Array | None:
+    """A sequence layer's mask as ``(batch, time)`` booleans, or None.
+
+    ``(batch, time)`` marks real steps; ``(batch,)`` marks whole sequences (``fit``'s padded
+    last batch: a False row is padding at every step) and is broadcast over time. Non-boolean
+    masks count any nonzero entry as real, as Keras does.
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.shape != (batch,):
+        check_shape(name, "mask", (batch, time), mask.shape,
+                    f"Pass booleans of shape ({batch}, {time}) (real steps) or ({batch},) "
+                    "(real sequences), False on padding.")  # fmt: skip
+    if mask.dtype != jnp.bool_:
+        mask = mask != 0
+    return jnp.broadcast_to(mask[:, None], (batch, time)) if mask.ndim == 1 else mask
+
+
 def stateless(
     name: str,
     fwd: Callable[[Array], tuple[Array, PyTree]],

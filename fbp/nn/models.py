@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fbp.core import Layer
-from fbp.nn.activations import ACTIVATIONS
-from fbp.nn.combinators import serial
+from fbp.core import Layer, ShapeError
+from fbp.nn.activations import ACTIVATIONS, Gelu
+from fbp.nn.attention import MultiHeadSelfAttention
+from fbp.nn.combinators import residual, serial
 from fbp.nn.conv import Conv2D, GlobalAvgPool, MaxPool2D
 from fbp.nn.dense import Dense
 from fbp.nn.normalization import BatchNorm, LayerNorm
@@ -95,3 +96,57 @@ def cnn(
         if dropout:
             layers.append(Dropout(dropout))
     return serial(*layers, Dense(outputs))
+
+
+def TransformerBlock(
+    d_model: int,
+    num_heads: int,
+    ff_dim: int,
+    *,
+    head_dim: int | None = None,
+    causal: bool = False,
+    dropout: float = 0.0,
+) -> Layer:
+    """A pre-LayerNorm transformer block on ``(batch, time, d_model)``, from existing layers::
+
+        x = x + Attention(LayerNorm(x))                  residual(serial(LayerNorm, MHSA))
+        x = x + Dense(d_model)(Gelu(Dense(ff_dim)(LayerNorm(x))))
+
+    (Xiong et al., 2020; GPT-2's arrangement). It has no backward of its own: ``serial`` and
+    ``residual`` chain the layers' hand-written ones. ``dropout`` is the drop probability of the
+    attention weights and of a Dropout at the end of each residual branch (none when 0).
+    ``mask`` reaches the attention (padded keys are not attended to); ``causal`` lets each step
+    attend only to itself and earlier steps. A stack of pre-LN blocks wants a final
+    ``LayerNorm()`` before the output layer.
+
+    ``d_model`` is the width of the input and output (the MLP ends in ``Dense(d_model)``), as
+    in PyTorch's ``TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout,
+    activation="gelu", norm_first=True)``. Params: the tuple ``((ln1, attention), (ln2, dense1,
+    (), dense2))``, plus ``()`` for each Dropout.
+    """
+    if not all(isinstance(n, int) and n > 0 for n in (d_model, num_heads, ff_dim)):
+        raise ValueError(
+            f"TransformerBlock({d_model!r}, {num_heads!r}, {ff_dim!r}): d_model, num_heads "
+            "and ff_dim must be positive ints."
+        )
+    drop = [Dropout(dropout)] if dropout else []
+    attention = MultiHeadSelfAttention(num_heads, head_dim, causal, dropout)
+    block = serial(
+        residual(serial(LayerNorm(), attention, *drop)),
+        residual(serial(LayerNorm(), Dense(ff_dim), Gelu, Dense(d_model), *drop)),
+    )
+    flags = (", causal" if causal else "") + (f", dropout={dropout}" if dropout else "")
+    name = f"TransformerBlock({d_model}, {num_heads}, {ff_dim}{flags})"
+
+    def init(key, input_shape):
+        if len(input_shape) != 2 or input_shape[-1] != d_model:
+            raise ShapeError(
+                f"input_shape should be (time, {d_model}) (d_model={d_model}), got "
+                f"{tuple(input_shape)}. Project the input to d_model first, e.g. with "
+                f"Dense({d_model}) or Embedding(vocab_size, {d_model}).",
+                layer=name,
+            )
+        return block.init(key, input_shape)
+
+    config = ("TransformerBlock", d_model, num_heads, ff_dim, head_dim, causal, dropout)
+    return block._replace(init=init, name=name, config=config)
