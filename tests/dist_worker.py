@@ -94,6 +94,17 @@ def layer_gradients() -> dict:
             (9, 2),
             losses.mse,
         ),
+        "sequence-masked": (  # token ids (batch, time) and a (batch, time) mask
+            nn.serial(
+                nn.Embedding(7, 4), nn.PositionalEmbedding(6),
+                nn.TransformerBlock(4, 2, 8, causal=True),
+                nn.LSTM(5, return_sequences=True, weight_grads="after_scan"),
+                nn.GRU(4, return_sequences=True), nn.SimpleRNN(3, weight_grads="in_scan"),
+                nn.Dense(3),
+            ),
+            (6,),
+            losses.softmax_cross_entropy,
+        ),
     }  # fmt: skip
     batch = 8
     rng = np.random.default_rng(0)
@@ -101,13 +112,19 @@ def layer_gradients() -> dict:
     for name, (net, in_shape, loss) in nets.items():
         out_shape, params, state = net.init(jax.random.key(0), in_shape)
         params, state = jax.tree.map(lambda a: a.astype(jnp.float64), (params, state))
-        x = rng.normal(size=(batch, *in_shape))
+        x = (
+            rng.integers(0, 7, (batch, *in_shape))
+            if name.startswith("sequence")
+            else rng.normal(size=(batch, *in_shape))
+        )
         y = (
             rng.integers(0, 3, batch)
             if loss is losses.softmax_cross_entropy
             else rng.normal(size=(batch, *out_shape))
         )
         mask = np.arange(batch) < 6 if "masked" in name else None
+        if name.startswith("sequence"):  # padding at the end of some sequences
+            mask = np.arange(in_shape[0])[None, :] < rng.integers(2, 7, (batch, 1))
         f = jax.jit(fbp.value_and_grad(net, loss))
         ref = f(params, state, x, y, key=jax.random.key(1), mask=mask)
         for kind, mesh in meshes():

@@ -69,7 +69,7 @@ def test_four_devices_give_the_single_device_results(tmp_path):
     assert r["device count"] == 4  # --devices 4 set JAX's CPU device count before JAX started
     assert r["cli 4 devices"] == r["cli 1 device"]  # the same test loss and accuracy
     for kind in ("Explicit", "Auto"):
-        for net in ("conv2d", "conv1d-masked"):
+        for net in ("conv2d", "conv1d-masked", "sequence-masked"):
             assert r[f"{net} {kind}"] < 1e-12, (net, kind)  # float64 gradients and state
         for loss in ("mse", "mae", "huber", "sigmoid_bce", "softmax_ce", "softmax_ce_smoothed"):
             assert r[f"loss {loss} {kind}"] < 1e-12, (loss, kind)

@@ -39,6 +39,19 @@ def grad_sharding(p: Array, axes: tuple[int, ...] | None = None):
     return sharding.update(spec=P(*(spec[a] for a in axes)))
 
 
+def like_batch(x: Array, ndim: int):
+    """The sharding of an ``ndim``-axis result laid out like ``x`` on its leading axes (the
+    batch split over devices) and unsplit on the others; None when ``x`` is not split (one
+    device, or an Auto mesh, where XLA infers layouts itself). Under a mesh with Explicit axes,
+    ops whose result layout JAX cannot infer (a gather by batch-split ids, a reshape merging
+    the split batch axis with another) must be given it."""
+    sharding = jax.typeof(x).sharding
+    spec = tuple(getattr(sharding, "spec", ()))
+    if not any(s is not None for s in spec):
+        return None
+    return sharding.update(spec=P(*spec[: min(len(spec), ndim)], *(None,) * (ndim - len(spec))))
+
+
 def lead(v: Array, ndim: int) -> Array:
     """View a per-feature vector ``(d,)`` as ``(1, ..., 1, d)`` so it meets an ``ndim`` array."""
     return v.reshape((1,) * (ndim - 1) + v.shape)

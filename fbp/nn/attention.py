@@ -13,7 +13,7 @@ import numpy as np
 
 from fbp import initializers
 from fbp.core import Array, Layer, ShapeError, check_shape, check_tree
-from fbp.nn._base import check_dy, sequence_mask
+from fbp.nn._base import check_dy, grad_sharding, sequence_mask
 
 
 def _rows(params, key: str) -> int:
@@ -204,7 +204,7 @@ def MultiHeadSelfAttention(
         q, k, v = (a.reshape(B, T, H, e) for a in jnp.split(qkv, 3, axis=-1))
         Pd = P if keep is None else jnp.where(keep, P * (1.0 / (1.0 - dropout)), 0)
         # output projection
-        dwo = jnp.einsum("bti,btd->id", C, dy)  # (I, D)
+        dwo = jnp.einsum("bti,btd->id", C, dy, out_sharding=grad_sharding(p["wo"]))  # (I, D)
         dbo = jnp.sum(dy, axis=(0, 1))  # (D,)
         dC = jnp.einsum("btd,id->bti", dy, p["wo"]).reshape(B, T, H, e)  # (B, T, H, e)
         # weighted sum C = Pd v
@@ -219,7 +219,9 @@ def MultiHeadSelfAttention(
         # the three input projections, fused: qkv = x [Wq|Wk|Wv] + [bq|bk|bv]
         dqkv = jnp.concatenate([a.reshape(B, T, I) for a in (dq, dk, dv)], axis=-1)  # (B,T,3I)
         w_qkv = jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1)  # (D, 3I)
-        dw_qkv = jnp.einsum("btd,bti->di", x.astype(ct), dqkv)  # (D, 3I)
+        dw_qkv = jnp.einsum(
+            "btd,bti->di", x.astype(ct), dqkv, out_sharding=grad_sharding(w_qkv)
+        )  # (D, 3I)
         db_qkv = jnp.sum(dqkv, axis=(0, 1))  # (3I,)
         dx = jnp.einsum("bti,di->btd", dqkv, w_qkv)  # (B, T, D)
         dwq, dwk, dwv = jnp.split(dw_qkv, 3, axis=1)
