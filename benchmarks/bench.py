@@ -207,18 +207,42 @@ def hlo_stats(jitted, *args) -> dict:
 # a. train step
 
 
-STEP_NETS = [  # name, hidden widths, activation, batch
+STEP_NETS = [  # name, hidden widths (or "lenet5"), activation, batch
     ("784-128-10 relu b128", [128], nn.Relu, 128),
     ("784-512-512-10 relu b128", [512, 512], nn.Relu, 128),
     ("784-1024-1024-10 relu b256", [1024, 1024], nn.Relu, 256),
     ("784-8x256-10 tanh b128", [256] * 8, nn.Tanh, 128),
+    ("LeNet-5 CNN 28x28x1 b128", "lenet5", nn.Relu, 128),
+    ("CNN Conv16-BN-Conv32-BN (cnn_mnist) b128", "cnn", nn.Relu, 128),
 ]
+
+
+def lenet5():
+    """LeNet-5 on 28x28x1 (the first convolution padded to keep 28x28), ReLU and max pooling."""
+    return nn.serial(
+        nn.Conv2D(6, 5, padding="same"), nn.Relu, nn.MaxPool2D(2),
+        nn.Conv2D(16, 5), nn.Relu, nn.MaxPool2D(2), nn.Flatten,
+        nn.Dense(120), nn.Relu, nn.Dense(84), nn.Relu, nn.Dense(10),
+    )  # fmt: skip
+
+
+def cnn_problem(kind: str, batch: int, seed: int = 0):
+    """(net, params, state, x, y) for a CNN on random 28x28x1 images."""
+    net = lenet5() if kind == "lenet5" else nn.cnn([16, 32], 10)
+    _, params, state = net.init(jax.random.key(seed), (28, 28, 1))
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    x = jax.random.normal(kx, (batch, 28, 28, 1), jnp.float32)
+    y = jax.random.randint(ky, (batch,), 0, 10)
+    return net, params, state, x, y
 
 
 def section_a(cfg: Config) -> tuple[list[Row], dict]:
     rows, details = [], {}
     for name, hidden, act, batch in STEP_NETS:
-        net, params, state, x, y = problem(hidden, batch, act)
+        if isinstance(hidden, str):
+            net, params, state, x, y = cnn_problem(hidden, batch)
+        else:
+            net, params, state, x, y = problem(hidden, batch, act)
         samplers = step_samplers(net, params, state, x, y, cfg.steps)
         details[name] = {
             k: hlo_stats(sampler.step, params, state, OPT.init(params), x, y)
