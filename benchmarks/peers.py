@@ -3,6 +3,7 @@
     python benchmarks/peers.py                # 5 rounds, about 3 minutes on 2 cores
     python benchmarks/peers.py --quick        # 1 round
     python benchmarks/peers.py --model cnn    # the small CNN of examples/cnn_mnist.py instead
+    python benchmarks/peers.py --cache DIR    # JAX's persistent compilation cache in DIR, warm
 
 The problem is the seed's example: MNIST-5k, 4000 examples to train on and 1000 to test, an MLP
 784-256-10 with ReLU (``--model cnn``: Conv2D 16 and 32 with BatchNorm and max pooling), Adam
@@ -202,12 +203,19 @@ RUNNERS = {"fbp": run_fbp, "keras": run_keras, "torch": run_torch, "jax": run_ja
 NEEDS = {"keras": "keras", "torch": "torch"}
 
 
-def child(name: str, model: str) -> None:
+def child(name: str, model: str, cache: str | None) -> None:
+    if cache and name != "torch":  # JAX's persistent cache: Keras 3 on JAX uses it too
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     print(TAG + json.dumps(RUNNERS[name](model)), flush=True)
 
 
-def run_child(name: str, model: str) -> dict:
+def run_child(name: str, model: str, cache: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--model", model]
+    cmd += ["--cache", cache] if cache else []
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     for line in proc.stdout.splitlines():
@@ -222,10 +230,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="give the JAX-based competitors JAX's persistent compilation cache in DIR (a "
+        "warm-up run per competitor fills it first): a second run of the same script",
+    )
     parser.add_argument("--json", default=None, help="write the raw results here")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.model)
+        child(args.child, args.model, args.cache)
         return
     names = [n for n in RUNNERS if n not in NEEDS or importlib.util.find_spec(NEEDS[n])]
     for n in RUNNERS:
@@ -233,13 +248,17 @@ def main() -> None:
             print(f"note: {n} skipped ({NEEDS[n]} is not installed; pip install -e '.[bench]')")
     rounds = 1 if args.quick else args.rounds
     results = {n: [] for n in names}
+    if args.cache:
+        for n in names:
+            run_child(n, args.model, args.cache)  # fill the cache
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            results[n].append(run_child(n, args.model))
+            results[n].append(run_child(n, args.model, args.cache))
             print(f"round {r + 1} {n}: {results[n][-1]}", flush=True)
     med = {n: {k: float(np.median([x[k] for x in v])) for k in v[0]} for n, v in results.items()}
+    cached = ", JAX's persistent compilation cache warm" if args.cache else ""
     print(f"\n{args.model}, MNIST-5k 4000/1000, batch {BATCH}, Adam {LR}, {EPOCHS} epochs, "
-          f"median of {rounds} rounds")  # fmt: skip
+          f"median of {rounds} rounds{cached}")  # fmt: skip
     print(f"{'':8} {'end to end':>11} {'fit / this':>11} {'per epoch':>10} {'accuracy':>9}")
     for n, m in med.items():
         ratio = m["cold_s"] / med["fbp"]["cold_s"]
