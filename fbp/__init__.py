@@ -27,7 +27,7 @@ from fbp import (
 from fbp.backprop import as_custom_vjp, forward_backward, value_and_grad
 from fbp.core import Layer, LayerError, Loss, Optimizer, ParamsError, ShapeError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Layer",
