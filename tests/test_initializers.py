@@ -85,3 +85,47 @@ def test_orthogonal_refuses_vectors_and_uniform_has_its_bounds():
     assert init.uniform(0.0, 2.0)(KEY, (4,)).dtype == jnp.float32
     with pytest.raises(ValueError, match="minval"):
         init.uniform(1.0, 1.0)
+
+
+ALL = {
+    "glorot_uniform": init.glorot_uniform,
+    "glorot_normal": init.glorot_normal,
+    "he_uniform": init.he_uniform,
+    "he_normal": init.he_normal,
+    "lecun_normal": init.lecun_normal,
+    "normal": init.normal(0.05),
+    "uniform": init.uniform(-0.1, 0.3),
+    "orthogonal": init.orthogonal(1.5),
+    "zeros": init.zeros,
+    "ones": init.ones,
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 3, 2, 4)])
+def test_the_quickly_compiled_draw_has_the_bits_of_a_plain_jit(name, dtype, shape):
+    """Called eagerly, an initializer is a program of its own compiled with XLA options that
+    compile faster; inside jit (nested, so without them) it must give the very same bits."""
+    fn = ALL[name]
+    eager = fn(KEY, shape, dtype)
+    traced = jax.jit(lambda k: fn(k, shape, dtype))(KEY)
+    assert eager.dtype == traced.dtype == dtype and eager.shape == shape
+    np.testing.assert_array_equal(eager, traced)
+
+
+def test_the_uniform_draw_is_jax_random_uniform_of_the_whole_shape():
+    """The flat draw, reshaped, is the draw of the whole shape (threefry bits by position)."""
+    limit = np.sqrt(6 / 500)
+    want = jax.random.uniform(KEY, SHAPE, jnp.float32, -limit, limit)
+    np.testing.assert_array_equal(init.glorot_uniform(KEY, SHAPE), want)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_split_gives_jax_random_splits_keys(n):
+    want = jax.random.key_data(jax.random.split(KEY, n))
+    got = init.split(KEY, n)
+    assert isinstance(got, tuple) and len(got) == n
+    np.testing.assert_array_equal(np.stack([jax.random.key_data(k) for k in got]), want)
+    inside = jax.jit(lambda k: jnp.stack([jax.random.key_data(k) for k in init.split(k, n)]))
+    np.testing.assert_array_equal(inside(KEY), want)

@@ -208,6 +208,24 @@ def test_layers_run_under_jit_vmap_and_scan(layer: Layer, shape, train):
 
 
 @pytest.mark.parametrize("layer,shape,train", ONE_CASE_PER_LAYER)
+def test_init_under_jit_and_vmap_gives_the_eager_params(layer: Layer, shape, train):
+    """Eagerly, init's key splits and draws are programs of their own, compiled with quicker XLA
+    options (fbp.initializers); traced, as a jitted init or an ensemble's vmap over keys, they
+    are inlined. Both give the same params and state, bit for bit."""
+    keys = jax.random.split(jax.random.key(3), 2)
+    eager = [layer.init(k, shape)[1:] for k in keys]
+    jitted = jax.jit(lambda k: layer.init(k, shape)[1:])(keys[0])
+    mapped = jax.vmap(lambda k: layer.init(k, shape)[1:])(keys)
+    assert jax.tree.structure(jitted) == jax.tree.structure(eager[0])
+    for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager[0]), strict=True):
+        np.testing.assert_array_equal(got, want)
+    for i in range(2):
+        got = jax.tree.map(lambda a, i=i: a[i], mapped)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(eager[i]), strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("layer,shape,train", ONE_CASE_PER_LAYER)
 def test_evaluation_mode_returns_the_state_itself(layer: Layer, shape, train):
     _, params, state, x, _ = setup(layer, shape, 3)
     _, new_state, _ = layer.forward(params, state, x, key=KEY, train=False)

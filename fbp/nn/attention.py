@@ -125,7 +125,7 @@ def MultiHeadSelfAttention(
                 layer=name,
             )
         I = H * _head_dim(D)
-        ks = jax.random.split(key, 4)
+        ks = initializers.split(key, 4)
         params = {
             "wq": initializers.glorot_uniform(ks[0], (D, I), dtype),
             "wk": initializers.glorot_uniform(ks[1], (D, I), dtype),

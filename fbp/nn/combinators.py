@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fbp import initializers
 from fbp.core import Layer, LayerError, ParamsError, ShapeError, conform_mask
 from fbp.nn._base import check_dy, no_params, output_shape
 
@@ -82,7 +83,7 @@ def serial(*layers: Layer) -> Layer:
 
     def init(key, input_shape):
         params, states, shape = [], [], input_shape
-        for i, (layer, k) in enumerate(zip(layers, jax.random.split(key, n), strict=True)):
+        for i, (layer, k) in enumerate(zip(layers, initializers.split(key, n), strict=True)):
             shape, p, s = _at(layers, i, layer.init, k, shape)
             params.append(p)
             states.append(s)
@@ -168,7 +169,7 @@ def parallel(*layers: Layer) -> Layer:
         out = [
             _at(layers, i, layer.init, k, s)
             for i, (layer, k, s) in enumerate(
-                zip(layers, jax.random.split(key, n), input_shape, strict=True)
+                zip(layers, initializers.split(key, n), input_shape, strict=True)
             )
         ]
         return tuple(o[0] for o in out), tuple(o[1] for o in out), tuple(o[2] for o in out)

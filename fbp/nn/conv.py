@@ -52,7 +52,7 @@ import numpy as np
 from jax import lax
 
 from fbp.core import Layer, ShapeError, check_shape, check_tree
-from fbp.initializers import glorot_uniform, zeros
+from fbp.initializers import glorot_uniform, split, zeros
 from fbp.nn._base import grad_sharding
 
 __all__ = [
@@ -339,7 +339,7 @@ def _conv(
                 f"have spatial shape {out}). Use a larger input or padding='same'.",
                 layer=name,
             )
-        k_w, k_b = jax.random.split(key)
+        k_w, k_b = split(key)
         params = {"w": w_init(k_w, (*win.size, input_shape[-1] // groups, filters), dtype)}
         if use_bias:
             params["b"] = b_init(k_b, (filters,), dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from fbp import initializers
@@ -40,7 +39,7 @@ def Dense(
         input_shape = tuple(input_shape)
         if len(input_shape) < 1:
             raise ShapeError(f"needs an input with a feature axis, got {input_shape}.", layer=name)
-        k_w, k_b = jax.random.split(key)
+        k_w, k_b = initializers.split(key)
         params = {
             "w": w_init(k_w, (input_shape[-1], out_dim), dtype),
             "b": b_init(k_b, (out_dim,), dtype),

@@ -160,7 +160,7 @@ def _recurrent_init(name: str, units: int, k: int, bias_init: Callable, dtype):
                 layer=name,
             )
         time, features = input_shape
-        k_w, k_u = jax.random.split(key)
+        k_w, k_u = initializers.split(key)
         params = {
             "kernel": initializers.glorot_uniform(k_w, (features, k * units), dtype),
             "recurrent_kernel": initializers.orthogonal()(k_u, (units, k * units), dtype),
