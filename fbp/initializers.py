@@ -200,12 +200,12 @@ _orthogonal = _quick_program(_orthogonal_fn, static_argnums=(1, 2, 3))
 
 
 def _constant(key: jax.Array | None, shape: Shape, dtype, value: float) -> Array:
-    """Eagerly, a host array copied to the device, which compiles nothing (``jnp.full``
-    compiles a broadcast per shape); inside a trace (a traced key), a broadcast, not a
-    literal in the program."""
+    """Eagerly, a host array put on the device, which compiles nothing (``jnp.full`` compiles
+    a broadcast per shape, ``jnp.asarray`` a copy); inside a trace (a traced key), a broadcast,
+    not a literal in the program."""
     if isinstance(key, jax.core.Tracer):
         return jnp.full(shape, value, dtype)
-    return jnp.asarray(np.full(shape, value, jnp.dtype(dtype)))
+    return jax.device_put(np.full(shape, value, jnp.dtype(dtype)))
 
 
 def zeros(key: jax.Array, shape: Shape, dtype=jnp.float32) -> Array:

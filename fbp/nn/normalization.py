@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import Array, Layer, ShapeError, check_shape, check_tree
+from fbp.initializers import ones, zeros
 from fbp.nn._base import check_dy, lead
 
 
@@ -56,7 +57,7 @@ def LayerNorm(epsilon: float = 1e-5, *, dtype=jnp.float32) -> Layer:
         if not input_shape:
             raise ShapeError(f"needs an input with a feature axis, got {input_shape}.", layer=name)
         d = input_shape[-1]
-        return input_shape, {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}, ()
+        return input_shape, {"scale": ones(key, (d,), dtype), "bias": zeros(key, (d,), dtype)}, ()
 
     def forward(params, state, x, *, key=None, train=False, mask=None):
         scale = params.get("scale") if isinstance(params, dict) else None
@@ -144,8 +145,8 @@ def BatchNorm(
     def init(key, input_shape):
         input_shape = tuple(input_shape)
         d = input_shape[feature_axis(len(input_shape) + 1) - 1]
-        params = {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
-        state = {"mean": jnp.zeros((d,), dtype), "var": jnp.ones((d,), dtype)}
+        params = {"scale": ones(key, (d,), dtype), "bias": zeros(key, (d,), dtype)}
+        state = {"mean": zeros(key, (d,), dtype), "var": ones(key, (d,), dtype)}
         return input_shape, params, state
 
     def forward(params, state, x, *, key=None, train=False, mask=None):
