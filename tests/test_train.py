@@ -452,6 +452,22 @@ def test_non_finite_params_after_the_last_step_stop_training():
     assert len(history.get("loss", [])) < 3
 
 
+@pytest.mark.parametrize("bad", [None, ("w", np.nan), ("w", -np.inf), ("b", np.inf), ("c", np.nan)])
+def test_the_finiteness_test_sees_every_leaf_of_every_dtype(bad):
+    """fit's test of the new params lays each dtype's leaves end to end: a non-finite entry in
+    any leaf, of either dtype, is seen; finite trees (and an empty one) pass."""
+    tree = {
+        "w": np.ones((3, 2), np.float32),
+        "b": np.zeros(2, np.float32),
+        "c": (np.full(4, 1e300, np.float64),),  # finite in float64, not in float32
+    }
+    if bad is not None:
+        leaf = tree[bad[0]][0] if bad[0] == "c" else tree[bad[0]]
+        leaf.reshape(-1)[-1] = bad[1]
+    assert bool(train._all_finite(jax.tree.map(jnp.asarray, tree))) is (bad is None)
+    assert bool(train._all_finite(()))
+
+
 def test_batch_size_may_be_a_numpy_integer():
     net = mlp(4, 3)
     X, y = jnp.zeros((10, 5), jnp.float32), jnp.zeros((10,), jnp.int32)
