@@ -214,8 +214,8 @@ def _run_epoch(
 
 def _all_finite(tree: PyTree) -> Array:
     """Whether every entry of every leaf is finite: one test over the leaves of each dtype laid
-    end to end (a copy, once an epoch), where a test per leaf is two or three more programs for
-    XLA to compile per leaf."""
+    end to end (a copy of the params, once an epoch), where a test per leaf gives XLA two or
+    three more kernels to compile per leaf."""
     by_dtype: dict = {}
     for leaf in jax.tree.leaves(tree):
         by_dtype.setdefault(jnp.dtype(leaf.dtype), []).append(jnp.ravel(leaf))
