@@ -258,6 +258,30 @@ MUTANTS: dict[str, Mutant] = {
         "        restored = None",
         ("tests/test_train.py::test_a_run_interrupted_after_a_backup_resumes_to_the_same_bits",),
     ),
+    "fit-padded-count-off-by-one": Mutant(
+        "fbp/train.py",
+        "else jnp.minimum(n - i * batch_size, batch_size)",
+        "else jnp.minimum(n - i * batch_size, batch_size - 1)",
+        ("tests/test_train.py::test_padded_last_batch_with_batchnorm_equals_the_unpadded_step",),
+    ),
+    "finite-test-first-dtype-only": Mutant(
+        "fbp/train.py",
+        "for v in by_dtype.values()]",
+        "for v in by_dtype.values()][:1]",
+        ("tests/test_train.py::test_the_finiteness_test_sees_every_leaf_of_every_dtype",),
+    ),
+    "init-split-keys-reversed": Mutant(
+        "fbp/initializers.py",
+        "    return tuple(jax.random.split(key, n))",
+        "    return tuple(jax.random.split(key, n))[::-1]",
+        ("tests/test_initializers.py::test_split_gives_jax_random_splits_keys",),
+    ),
+    "init-truncated-draw-unscaled": Mutant(
+        "fbp/initializers.py",
+        "flat = a * jax.random.truncated_normal(key, -2.0, 2.0, n, dtype)",
+        "flat = jax.random.truncated_normal(key, -2.0, 2.0, n, dtype)",
+        ("tests/test_initializers.py",),
+    ),
 }
 
 
