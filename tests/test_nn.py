@@ -215,10 +215,12 @@ def test_init_under_jit_and_vmap_gives_the_eager_params(layer: Layer, shape, tra
     keys = jax.random.split(jax.random.key(3), 2)
     eager = [layer.init(k, shape)[1:] for k in keys]
     jitted = jax.jit(lambda k: layer.init(k, shape)[1:])(keys[0])
+    closed = jax.jit(lambda: layer.init(keys[0], shape)[1:])()  # a concrete key, traced
     mapped = jax.vmap(lambda k: layer.init(k, shape)[1:])(keys)
-    assert jax.tree.structure(jitted) == jax.tree.structure(eager[0])
-    for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager[0]), strict=True):
-        np.testing.assert_array_equal(got, want)
+    for traced in (jitted, closed):
+        assert jax.tree.structure(traced) == jax.tree.structure(eager[0])
+        for got, want in zip(jax.tree.leaves(traced), jax.tree.leaves(eager[0]), strict=True):
+            np.testing.assert_array_equal(got, want)
     for i in range(2):
         got = jax.tree.map(lambda a, i=i: a[i], mapped)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(eager[i]), strict=True):
