@@ -188,8 +188,8 @@ MUTANTS: dict[str, Mutant] = {
     ),
     "bptt-after-scan-dU-from-da": Mutant(
         "fbp/nn/sequence.py",
-        "dU = _flat(hprev).T @ _flat(dhp)  # (u, k u)",
-        "dU = _flat(hprev).T @ _flat(da)  # (u, k u)",
+        "dU = _sum_outer(hprev, dhp, U0)  # (u, k u)",
+        "dU = _sum_outer(hprev, da, U0)  # (u, k u)",
         (GRID,),
     ),
     "gru-bias-rows-swapped": Mutant(
