@@ -12,7 +12,8 @@ with learning rate 1e-3, batch 64, 10 epochs, softmax cross-entropy. The competi
     fbp      fbp.train.fit
     keras    Keras 3 model.fit on the JAX backend (KERAS_BACKEND=jax)
     torch    PyTorch, the standard loop: randperm, slices, zero_grad/backward/step
-    jax      a Python loop of jitted steps, jax.value_and_grad + the same Adam (fbp.optim)
+    jax      a Python loop of jitted steps, jax.value_and_grad + the same Adam (fbp.optim),
+             donated (bench.py's jax_grad_step)
 
 Each run is a fresh process (so compilation is paid every time, as a user pays it), timed from
 building the model to the end of training, imports excluded ("end to end"); then the same
@@ -76,6 +77,7 @@ def run_jax(model: str) -> dict:
     """The loop a JAX user writes: numpy permutation, host slices, one jitted step per batch."""
     import jax
     import jax.numpy as jnp
+    from bench import jax_grad_step  # the same reference step as bench.py's
 
     from fbp import losses, nn, optim
 
@@ -88,16 +90,7 @@ def run_jax(model: str) -> dict:
     _, params, state = net.init(jax.random.key(0), Xtr.shape[1:])
     opt = optim.adam(LR)
     opt_state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, opt_state, x, y):
-        def f(p):
-            pred, new_state, _ = net.forward(p, state, x, train=True)
-            return loss.value(pred, y), new_state
-
-        (value, state), grads = jax.value_and_grad(f, has_aux=True)(params)
-        params, opt_state = opt.update(grads, params, opt_state)
-        return params, state, opt_state, value
+    step = jax_grad_step(net, loss, opt)  # value_and_grad + update, jitted and donated
 
     rng = np.random.default_rng(0)
 
